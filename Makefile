@@ -1,0 +1,35 @@
+# `make run` and `make test` each set themselves up first (.venv with the project installed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision: on this project's machines pip takes these releases from local disk.
+TORCH := torch==2.14.1 torchvision==0.29.1
+OUT ?= out
+DATA ?=
+BACKBONES ?= resnet18,efficientnet_b3
+EPOCHS ?= 2
+IMAGE_SIZE ?= 64
+
+.PHONY: setup run test compile clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/pneumonia-kfp run-local --output $(OUT) --backbones $(BACKBONES) --epochs $(EPOCHS) \
+		--image-size $(IMAGE_SIZE) $(if $(DATA),--data $(DATA))
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+compile: setup
+	$(BIN)/pneumonia-kfp compile -o pipeline.yaml
+
+clean:
+	rm -rf $(VENV) $(OUT) pipeline.yaml

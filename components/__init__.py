@@ -1,0 +1,1 @@
+"""Pipeline steps (ingest, train, evaluate, report): plain-Python cores plus thin KFP wrappers."""

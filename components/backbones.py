@@ -1,0 +1,111 @@
+"""Backbones by timm name, with a real 2-class head and 1-channel (grayscale) input."""
+from __future__ import annotations
+
+import difflib
+import tempfile
+from pathlib import Path
+
+SEED_BACKBONES = ("resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3")
+
+
+class BackboneError(ValueError):
+    pass
+
+
+def check_backbone(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
+        raise BackboneError(f"unknown backbone {name!r}: not a timm model name.{hint}")
+
+
+def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, weights: str = ""):
+    """A timm model with ``num_classes`` outputs and ``in_chans=1``.
+
+    ``pretrained`` loads ImageNet weights: from ``weights`` (a local file or a store URI, for
+    air-gapped clusters) when given, otherwise from timm's hub. timm sums the first conv over RGB
+    for the single grayscale channel and drops the 1000-class classifier.
+    """
+    import timm
+
+    check_backbone(name)
+    kwargs = dict(num_classes=num_classes, in_chans=1)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if not weights:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _local_weights(weights, Path(tmp))
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def _local_weights(weights: str, tmp: Path) -> Path:
+    if weights.startswith("s3://") or weights.startswith("file://"):
+        from components.storage import open_store
+
+        parent, _, key = weights.rpartition("/")
+        open_store(parent).get_file(key, tmp / key)
+        return tmp / key
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"pretrained weights file {weights} does not exist")
+    return path
+
+
+def grayscale_normalization(model) -> tuple[float, float]:
+    """The model's RGB mean/std averaged to one channel (what its pretraining expects)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return float(sum(mean) / len(mean)), float(sum(std) / len(std))
+
+
+def device_autocast(device):
+    """Autocast context for inference/training: bf16 where the GPU has it, else fp16; none on CPU."""
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def predict(model, images, mean: float, std: float, batch_size: int = 256):
+    """Probability of the positive class for uint8 images (N×1×S×S, numpy or tensor)."""
+    import numpy as np
+    import torch
+
+    from components.augmentation import normalize
+
+    device = next(model.parameters()).device
+    images = torch.as_tensor(images)
+    model.eval()
+    out = []
+    with torch.inference_mode(), device_autocast(device):
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(torch.softmax(model(x).float(), 1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def save_checkpoint(path, model, **meta) -> None:
+    import torch
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, **meta}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, metadata) from a checkpoint written by train."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_backbone(ckpt["backbone"], num_classes=len(ckpt["classes"]))
+    model.load_state_dict(ckpt.pop("state_dict"))
+    return model.to(device), ckpt

@@ -1,0 +1,163 @@
+"""ingest: an ImageFolder -> a content-addressed dataset version in the store.
+
+    datasets/<sha>/raw/<split>/<class>/<file>   the original files
+    datasets/<sha>/tensors/<split>.npy          uint8 N×1×S×S, decoded and resized once
+    datasets/<sha>/validation.json              what was rejected and why
+    datasets/<sha>/manifest.json                written last: its presence marks a complete version
+
+<sha> hashes every file's content and place plus the ingest settings, so unchanged data maps to
+the same version and re-ingesting it uploads nothing.
+"""
+
+import hashlib
+import json
+import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from components.data import DataError, ImageFile, encode_npy, grouped_holdout, patient_id, scan_image_folder
+from kfp import dsl
+
+from components.kfp_defaults import component
+from components.storage import open_store
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+TEST_FRACTION = 0.1
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode fully, convert to 8-bit grayscale and resize to size×size."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: scale to 8 bit instead of clipping at 255
+            a = np.asarray(im, dtype=np.float64)
+            a = (a - a.min()) / max(a.max() - a.min(), 1) * 255
+            im = Image.fromarray(a.astype(np.uint8))
+        elif im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(background, im)
+        im = im.convert("L").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _fetch_source(data: str, workdir: Path) -> Path:
+    """A local directory for ``data``: the directory itself, or a copy of an s3:// prefix."""
+    if data.startswith("s3://"):
+        src = open_store(data)
+        keys = list(src.list())
+        if not keys:
+            raise DataError(f"{data} holds no files")
+        for key in keys:
+            src.get_file(key, workdir / key)
+        return workdir
+    if "://" in data and not data.startswith("file://"):
+        raise DataError(f"data source {data!r}: use a local directory, file:///dir or s3://bucket/prefix")
+    return Path(data.removeprefix("file://")).expanduser()
+
+
+def assign_splits(files: list[ImageFile], classes: list[str], seed: int) -> tuple[list[str], bool]:
+    """Each file's split; without a test split, a patient-grouped stratified one carved from train."""
+    splits = [f.split for f in files]
+    if any(s == "test" for s in splits):
+        return splits, False
+    train = [i for i, f in enumerate(files) if f.split == "train"]
+    labels = [classes.index(files[i].label) for i in train]
+    groups = [patient_id(files[i].path.name) or files[i].relpath for i in train]
+    held = grouped_holdout(labels, groups, TEST_FRACTION, seed)
+    for i, h in zip(train, held):
+        if h:
+            splits[i] = "test"
+    return splits, True
+
+
+def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0) -> dict:
+    """Ingest ``data`` into ``storage``; returns the dataset's uri, sha, classes and counts."""
+    if image_size < 8:
+        raise DataError(f"image_size={image_size}: use at least 8 pixels")
+    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+        root = _fetch_source(data, Path(tmp))
+        classes, files = scan_image_folder(root)
+        splits, carved = assign_splits(files, classes, seed)
+        if carved:
+            n = splits.count("test")
+            log.warning(
+                "!!! %s has no test/ split: carved %d images (%.0f%%, grouped by patient, stratified "
+                "by class, seed %d) out of train as the test set.", data, n, 100 * TEST_FRACTION, seed
+            )
+        with ThreadPoolExecutor(8) as pool:
+            shas = list(pool.map(lambda f: _sha256(f.path), files))
+        identity = {
+            "format": FORMAT_VERSION, "classes": classes, "image_size": image_size,
+            "files": [[s, f.label, f.relpath, h] for s, f, h in zip(splits, files, shas)],
+        }
+        sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        store = open_store(storage).child(f"datasets/{sha}")
+
+        uploaded = 0
+        if store.exists("manifest.json"):
+            log.info("dataset %s is already in the store: nothing to upload", store.uri)
+            manifest = json.loads(store.get_bytes("manifest.json"))
+        else:
+            manifest = _write_version(store, classes, files, splits, shas, image_size, carved, data)
+            uploaded = len(files) + len(manifest["counts"]) + 2
+    return summary(store.uri, sha, manifest, uploaded)
+
+
+def _write_version(store, classes, files, splits, shas, image_size, carved, data) -> dict:
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda f: load_image(f.path, image_size), files))
+    entries, rows = [], {}
+    for f, split, sha, image in zip(files, splits, shas, images):
+        rows.setdefault(split, []).append(image)
+        entries.append({
+            "path": f.relpath, "split": split, "class": f.label, "sha256": sha,
+            "bytes": f.path.stat().st_size, "patient": patient_id(f.path.name),
+            "index": len(rows[split]) - 1,
+        })
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda f: store.put_file(f"raw/{f.relpath}", f.path), files))
+    for split, imgs in rows.items():
+        store.put_bytes(f"tensors/{split}.npy", encode_npy(np.stack(imgs)[:, None]))
+    store.put_bytes("validation.json", json.dumps({"rejected": []}, indent=1).encode())
+    counts = {s: {c: sum(1 for e in entries if e["split"] == s and e["class"] == c) for c in classes} for s in rows}
+    manifest = {
+        "format": FORMAT_VERSION, "source": data, "classes": classes, "image_size": image_size,
+        "test_carved_from_train": carved, "counts": counts, "files": entries,
+    }
+    store.put_bytes("manifest.json", json.dumps(manifest, indent=1).encode())  # last: marks completeness
+    return manifest
+
+
+def summary(uri: str, sha: str, manifest: dict, uploaded: int) -> dict:
+    return {
+        "uri": uri, "sha": sha, "classes": manifest["classes"], "image_size": manifest["image_size"],
+        "counts": manifest["counts"], "test_carved_from_train": manifest["test_carved_from_train"],
+        "uploaded": uploaded,
+    }
+
+
+@component()
+def ingest_op(data: str, storage: str, image_size: int, seed: int, dataset: dsl.Output[dsl.Dataset]):
+    """Ingest an ImageFolder (local dir or s3:// prefix) into the store as a dataset version."""
+    import json
+    import logging
+
+    from components.ingest import ingest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    info = ingest(data, storage, image_size=image_size, seed=seed)
+    dataset.metadata.update(info)
+    with open(dataset.path, "w") as f:
+        json.dump(info, f, indent=1)

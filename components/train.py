@@ -1,0 +1,143 @@
+"""train: one backbone on a stored dataset; best epoch and threshold chosen on validation."""
+
+import copy
+import logging
+import time
+
+import numpy as np
+from kfp import dsl
+
+from components.data import DataError, StoredDataset, grouped_holdout, groups_of
+from components.kfp_defaults import component
+
+log = logging.getLogger(__name__)
+MIN_VAL_IMAGES = 100
+VAL_FRACTION = 0.1
+
+
+def train_val_split(ds: StoredDataset, seed: int):
+    """(train images, labels), (val images, labels), and how val was made.
+
+    The dataset's own val split when it has at least MIN_VAL_IMAGES; otherwise train and that
+    small val are pooled and a patient-grouped, class-stratified val is carved from the pool.
+    """
+    tx, ty, te = ds.split("train")
+    vx, vy, ve = ds.split("val")
+    if len(vy) >= MIN_VAL_IMAGES:
+        return (tx, ty), (vx, vy), "dataset val split"
+    if len(vy):
+        tx, ty, te = np.concatenate([tx, vx]), np.concatenate([ty, vy]), te + ve
+    held = grouped_holdout(ty, groups_of(te), VAL_FRACTION, seed)
+    how = f"carved from train: {held.sum()} images, grouped by patient (dataset val had {len(vy)} < {MIN_VAL_IMAGES})"
+    log.warning("validation set %s", how)
+    return (tx[~held], ty[~held]), (tx[held], ty[held]), how
+
+
+def train(
+    dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = 5, batch_size: int = 32,
+    learning_rate: float = 1e-3, seed: int = 0, pretrained: bool = False, weights: str = "",
+) -> dict:
+    """Train, keep the epoch with the best validation AUC, pick the threshold on validation.
+
+    Writes the checkpoint to ``checkpoint_path`` and returns its metadata (history, timings,
+    validation metrics at the chosen threshold).
+    """
+    import torch
+
+    from components.augmentation import augment, normalize
+    from components.backbones import create_backbone, device_autocast, grayscale_normalization, predict, save_checkpoint
+    from components.metrics import choose_threshold, classification_report
+
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs}, batch_size={batch_size}: both must be at least 1")
+    torch.manual_seed(seed)
+    ds = StoredDataset(dataset_uri)
+    if len(ds.classes) != 2:
+        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
+    (tx, ty), (vx, vy), val_source = train_val_split(ds, seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = grayscale_normalization(model)
+    # the whole uint8 training set lives on the device; batches are indexed there
+    images = torch.from_numpy(tx).to(device)
+    labels = torch.from_numpy(ty).to(device)
+    counts = torch.bincount(labels, minlength=2).float()
+    class_weight = counts.sum() / (2 * counts.clamp(min=1))  # balanced: rare class weighs more
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight)
+
+    steps = max(1, len(images) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps)
+    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    history, best, train_seconds = [], None, 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, total_loss = time.perf_counter(), 0.0
+        order = torch.randperm(len(images), device=device, generator=generator)
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            x = normalize(augment(images[idx], generator), mean, std)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with device_autocast(device):
+                loss = loss_fn(model(x).float(), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+
+        prob = predict(model, vx, mean, std)
+        val_loss = float(torch.nn.functional.binary_cross_entropy(
+            torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(vy).double()))
+        val_auc = classification_report(vy, prob, 0.5, ds.classes)["auc"]
+        row = {"epoch": epoch, "train_loss": total_loss / steps, "val_loss": val_loss, "val_auc": val_auc,
+               "seconds": seconds, "images_per_second": steps * batch_size / seconds}
+        history.append(row)
+        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,
+                 epochs, row["train_loss"], val_loss, val_auc, row["images_per_second"])
+        if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
+            best = {**row, "state": copy.deepcopy(model.state_dict()), "prob": prob}
+
+    model.load_state_dict(best["state"])
+    threshold = choose_threshold(vy, best["prob"])
+    meta = {
+        "backbone": backbone, "classes": ds.classes, "image_size": int(tx.shape[-1]),
+        "mean": mean, "std": std, "epochs": epochs, "best_epoch": best["epoch"], "threshold": threshold,
+        "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source,
+        "seconds": train_seconds, "images_per_second": epochs * steps * batch_size / train_seconds,
+        "history": history, "val": classification_report(vy, best["prob"], threshold, ds.classes, ci_seed=seed),
+        "device": str(device),
+    }
+    save_checkpoint(checkpoint_path, model, **meta)
+    return meta
+
+
+@component()
+def train_op(
+    dataset: dsl.Input[dsl.Dataset], backbone: str, epochs: int, batch_size: int, learning_rate: float,
+    seed: int, pretrained: bool, pretrained_weights: str, model: dsl.Output[dsl.Model],
+):
+    """Train one timm backbone on the ingested dataset (GPU with AMP when present)."""
+    import logging
+
+    from components.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    meta = train(dataset.metadata["uri"], backbone, model.path, epochs=epochs, batch_size=batch_size,
+                 learning_rate=learning_rate, seed=seed, pretrained=pretrained, weights=pretrained_weights)
+    model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "image_size", "epochs",
+                                                "pretrained", "seconds", "images_per_second")})

@@ -1,0 +1,1 @@
+"""The KFP pipeline, its platform settings and the ``pneumonia-kfp`` CLI."""

@@ -1,0 +1,159 @@
+"""``pneumonia-kfp``: run the pipeline locally, ingest a dataset, compile the pipeline."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("pneumonia_kfp")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_backbones(text: str) -> list[str]:
+    from components.backbones import check_backbone
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise UsageError("--backbones is empty: name at least one timm model, e.g. resnet18,efficientnet_b3")
+    dupes = sorted({b for b in names if names.count(b) > 1})
+    if dupes:
+        raise UsageError(f"--backbones lists {', '.join(dupes)} more than once")
+    for name in names:
+        check_backbone(name)
+    return names
+
+
+def check_positive(**values: int | float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')}={value}: must be greater than 0")
+
+
+def run_local(args) -> int:
+    from kfp import local
+
+    from components.data import scan_image_folder
+    from components.synthetic import make_synthetic
+    from pipelines.pipeline import build_pipeline
+
+    out = Path(args.output).resolve()
+    backbones = parse_backbones(args.backbones)
+    check_positive(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+                   learning_rate=args.learning_rate, max_parallel=args.max_parallel)
+    out.mkdir(parents=True, exist_ok=True)
+    synthetic = not args.data
+    if synthetic:
+        data = make_synthetic(out / "synthetic-data", size=max(64, args.image_size))
+        print("!" * 78 + f"\n!!! No --data given: using a small SYNTHETIC dataset at {data}.\n"
+              "!!! Results on it mean nothing about real X-rays. Pass --data DIR for real data.\n" + "!" * 78,
+              flush=True)
+    else:
+        data = Path(args.data).expanduser().resolve()
+        scan_image_folder(data)  # fail fast, with a clear message, before any task starts
+    storage = args.storage or (out / "store").as_uri()
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp-root"))
+    pipeline = build_pipeline(args.max_parallel)
+    start = time.perf_counter()
+    try:
+        task = pipeline(
+            data=str(data), storage=storage, backbones=backbones, epochs=args.epochs, image_size=args.image_size,
+            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+            pretrained=args.pretrained, pretrained_weights=args.pretrained_weights,
+        )
+    except RuntimeError as e:
+        raise UsageError(f"the local pipeline run failed ({e}); the failing task's log is printed above") from None
+    wall = time.perf_counter() - start
+
+    results = json.loads(Path(task.outputs["results"].path).read_text())
+    results["dataset"]["synthetic"] = synthetic
+    results["wall_seconds"] = wall
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    shutil.copyfile(task.outputs["report_md"].path, out / "report.md")
+    shutil.copyfile(task.outputs["report_html"].path, out / "report.html")
+    print(f"\nPipeline finished in {wall:.0f} s.")
+    for m in results["models"]:
+        t = m["test"]
+        print(f"  {m['backbone']:<20} test accuracy {t['accuracy']:.4f}  F1 {t['f1']:.4f}  "
+              f"specificity {t['specificity']:.4f}  AUC {t['auc']:.4f}")
+    print(f"Results: {out / 'results.json'}\nReport:  {out / 'report.md'}\n         {out / 'report.html'}")
+    return 0
+
+
+def ingest_cmd(args) -> int:
+    from components.ingest import ingest
+
+    info = ingest(args.data, args.storage, image_size=args.image_size, seed=args.seed)
+    print(info["uri"])
+    return 0
+
+
+def compile_cmd(args) -> int:
+    from kfp import compiler
+
+    from pipelines.pipeline import build_pipeline
+
+    check_positive(max_parallel=args.max_parallel)
+    compiler.Compiler().compile(build_pipeline(args.max_parallel), args.output)
+    print(args.output)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from pipelines.pipeline import DEFAULT_BACKBONES, DEFAULT_MAX_PARALLEL
+
+    p = argparse.ArgumentParser(prog="pneumonia-kfp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run-local", help="run the whole pipeline on this machine (kfp local runner)")
+    r.add_argument("--data", help="ImageFolder directory (train|val|test/<class>/*); omitted: synthetic data")
+    r.add_argument("--output", required=True, help="where results.json, report.md, report.html go")
+    r.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES), help="comma-separated timm model names")
+    r.add_argument("--epochs", type=int, default=5)
+    r.add_argument("--image-size", type=int, default=224)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--learning-rate", type=float, default=1e-3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL)
+    r.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
+    r.add_argument("--pretrained-weights", default="", help="weights file or store URI (air-gapped)")
+    r.add_argument("--storage", help="store URI (default: file://OUTPUT/store)")
+    r.set_defaults(func=run_local)
+
+    i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")
+    i.add_argument("--data", required=True)
+    i.add_argument("--storage", required=True, help="file:///abs/path or s3://bucket/prefix")
+    i.add_argument("--image-size", type=int, default=224)
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=ingest_cmd)
+
+    c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    c.add_argument("-o", "--output", default="pipeline.yaml")
+    c.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL)
+    c.set_defaults(func=compile_cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from components.backbones import BackboneError
+    from components.data import DataError
+    from components.storage import StorageError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, DataError, StorageError, BackboneError) as e:
+        print(f"pneumonia-kfp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The pipeline: ingest -> ParallelFor(backbones) { train -> evaluate } -> report(Collected)."""
+
+from typing import List, NamedTuple
+
+from kfp import dsl
+
+from components.evaluate import evaluate_op
+from components.ingest import ingest_op
+from components.report import report_op
+from components.train import train_op
+
+DEFAULT_BACKBONES = ["resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3"]
+DEFAULT_MAX_PARALLEL = 2
+PIPELINE_NAME = "pneumonia-kfp"
+
+Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML)])
+
+
+def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL):
+    """The pipeline function; ``max_parallel`` is fixed at compile time (KFP's ParallelFor needs a constant)."""
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel={max_parallel}: must be at least 1")
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Chest X-ray pneumonia classifiers: train and compare backbones.")
+    def pneumonia_pipeline(
+        data: str,
+        storage: str,
+        backbones: List[str] = DEFAULT_BACKBONES,
+        epochs: int = 5,
+        image_size: int = 224,
+        batch_size: int = 32,
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+        pretrained: bool = False,
+        pretrained_weights: str = "",
+    ) -> Outputs:
+        ingest = ingest_op(data=data, storage=storage, image_size=image_size, seed=seed)
+        ingest.set_display_name("ingest")
+        with dsl.ParallelFor(backbones, parallelism=max_parallel) as backbone:
+            train = train_op(
+                dataset=ingest.outputs["dataset"], backbone=backbone, epochs=epochs, batch_size=batch_size,
+                learning_rate=learning_rate, seed=seed, pretrained=pretrained, pretrained_weights=pretrained_weights,
+            ).set_display_name("train")
+            evaluate = evaluate_op(dataset=ingest.outputs["dataset"], model=train.outputs["model"])
+            evaluate.set_display_name("evaluate")
+        report = report_op(dataset=ingest.outputs["dataset"], results=dsl.Collected(evaluate.outputs["results"]))
+        report.set_display_name("report")
+        return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
+                       report_html=report.outputs["html"])
+
+    return pneumonia_pipeline
