@@ -174,7 +174,9 @@ def report_op(
     for artifact in results:
         with open(artifact.path) as f:
             models.append(json.load(f))
-    combined, md, page = report(dict(dataset.metadata), models)
+    with open(dataset.path) as f:
+        info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
+    combined, md, page = report(info, models)
     for artifact, text in ((markdown, md), (html, page), (summary, json.dumps(combined, indent=1))):
         with open(artifact.path, "w") as f:
             f.write(text)

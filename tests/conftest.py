@@ -1,0 +1,39 @@
+import socket
+
+import pytest
+
+from components.synthetic import make_synthetic
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on 127.0.0.1: the minio client talks HTTP + SigV4 to it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """MINIO_* variables pointing at the test S3 server (subprocesses inherit them)."""
+    monkeypatch.setenv("MINIO_ENDPOINT", f"http://{s3_server}")
+    monkeypatch.setenv("MINIO_ACCESS_KEY", "test-access-key")
+    monkeypatch.setenv("MINIO_SECRET_KEY", "test-secret-key")
+    monkeypatch.setenv("MINIO_REGION", "us-east-1")
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A small synthetic Kermany-style ImageFolder with train and test (no val)."""
+    return make_synthetic(tmp_path_factory.mktemp("xray"), {"train": 40, "test": 12}, size=48)

@@ -1,0 +1,71 @@
+import time
+import uuid
+
+import pytest
+
+from components.storage import FileStore, S3Store, StorageError, open_store
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store((tmp_path / "store").as_uri())
+    request.getfixturevalue("s3_env")
+    return open_store(f"s3://bucket-{uuid.uuid4().hex[:8]}/some/prefix")
+
+
+def test_roundtrip_list_and_child(store, tmp_path):
+    assert not store.exists("a/b.bin")
+    store.put_bytes("a/b.bin", b"hello")
+    src = tmp_path / "src.txt"
+    src.write_text("file body")
+    store.put_file("a/c/d.txt", src)
+    assert store.exists("a/b.bin") and store.get_bytes("a/b.bin") == b"hello"
+    assert list(store.list("a")) == ["a/b.bin", "a/c/d.txt"]
+    child = store.child("a/c")
+    assert child.get_bytes("d.txt") == b"file body"
+    assert list(child.list()) == ["d.txt"]
+    store.get_file("a/c/d.txt", tmp_path / "back.txt")
+    assert (tmp_path / "back.txt").read_text() == "file body"
+
+
+def test_missing_key_is_a_clear_error(store):
+    with pytest.raises(StorageError, match="nothing-here"):
+        store.get_bytes("nothing-here")
+
+
+def test_backend_types(tmp_path, s3_env):
+    assert isinstance(open_store(str(tmp_path)), FileStore)
+    assert isinstance(open_store(tmp_path.as_uri()), FileStore)
+    assert isinstance(open_store("s3://bucket/x"), S3Store)
+    with pytest.raises(StorageError, match="gs://"):
+        open_store("gs://bucket/x")
+    with pytest.raises(StorageError, match="no bucket"):
+        open_store("s3:///x")
+
+
+def test_file_store_write_is_atomic(tmp_path):
+    store = FileStore(tmp_path)
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        store._atomic_write("x.bin", lambda f: (f.write(b"half"), (_ for _ in ()).throw(Boom())))
+    assert not store.exists("x.bin") and list(store.list()) == []
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    with pytest.raises(StorageError, match="escapes"):
+        store.put_bytes("../outside", b"x")
+
+
+def test_unreachable_endpoint_fails_fast_naming_it(monkeypatch):
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens here
+    monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{port}")
+    monkeypatch.setenv("MINIO_ACCESS_KEY", "k")
+    monkeypatch.setenv("MINIO_SECRET_KEY", "s")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=f"127.0.0.1:{port}.*unreachable"):
+        open_store("s3://bucket/p").put_bytes("k", b"v")
+    assert time.monotonic() - start < 30
