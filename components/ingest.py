@@ -89,18 +89,13 @@ def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0) -> dic
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         root = _fetch_source(data, Path(tmp))
         classes, files = scan_image_folder(root)
-        splits, carved = assign_splits(files, classes, seed)
-        if carved:
-            n = splits.count("test")
-            log.warning(
-                "!!! %s has no test/ split: carved %d images (%.0f%%, grouped by patient, stratified "
-                "by class, seed %d) out of train as the test set.", data, n, 100 * TEST_FRACTION, seed
-            )
         with ThreadPoolExecutor(8) as pool:
             shas = list(pool.map(lambda f: _sha256(f.path), files))
+        # the version is a function of the inputs: the files and the settings that shape the
+        # output (a carved test split depends on seed and fraction), so no work is needed to find it
         identity = {
-            "format": FORMAT_VERSION, "classes": classes, "image_size": image_size,
-            "files": [[s, f.label, f.relpath, h] for s, f, h in zip(splits, files, shas)],
+            "format": FORMAT_VERSION, "classes": classes, "image_size": image_size, "seed": seed,
+            "test_fraction": TEST_FRACTION, "files": [[f.relpath, h] for f, h in zip(files, shas)],
         }
         sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         store = open_store(storage).child(f"datasets/{sha}")
@@ -110,6 +105,13 @@ def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0) -> dic
             log.info("dataset %s is already in the store: nothing to upload", store.uri)
             manifest = json.loads(store.get_bytes("manifest.json"))
         else:
+            splits, carved = assign_splits(files, classes, seed)
+            if carved:
+                log.warning(
+                    "!!! %s has no test/ split: carved %d images (%.0f%%, grouped by patient, stratified by "
+                    "class, seed %d) out of train as the test set.", data, splits.count("test"),
+                    100 * TEST_FRACTION, seed,
+                )
             manifest = _write_version(store, classes, files, splits, shas, image_size, carved, data)
             uploaded = len(files) + len(manifest["counts"]) + 2
     return summary(store.uri, sha, manifest, uploaded)

@@ -33,9 +33,33 @@ def train_val_split(ds: StoredDataset, seed: int):
     return (tx[~held], ty[~held]), (tx[held], ty[held]), how
 
 
+def training_batch(images, idx, generator, mean: float, std: float):
+    """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
+    import torch
+
+    from components.augmentation import augment, normalize
+
+    x = normalize(augment(images[idx], generator), mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def training_step(model, x, y, loss_fn, optimizer, scaler):
+    """One optimisation step under autocast; returns the detached loss (no device sync)."""
+    from components.backbones import device_autocast
+
+    with device_autocast(x.device):
+        loss = loss_fn(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train(
     dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = 5, batch_size: int = 32,
     learning_rate: float = 1e-3, seed: int = 0, pretrained: bool = False, weights: str = "",
+    compile_model: bool = False,
 ) -> dict:
     """Train, keep the epoch with the best validation AUC, pick the threshold on validation.
 
@@ -44,8 +68,7 @@ def train(
     """
     import torch
 
-    from components.augmentation import augment, normalize
-    from components.backbones import create_backbone, device_autocast, grayscale_normalization, predict, save_checkpoint
+    from components.backbones import create_backbone, grayscale_normalization, predict, save_checkpoint
     from components.metrics import choose_threshold, classification_report
 
     if epochs < 1 or batch_size < 1:
@@ -76,25 +99,18 @@ def train(
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     generator = torch.Generator(device=device).manual_seed(seed)
+    step_model = torch.compile(model) if compile_model else model
 
     history, best, train_seconds = [], None, 0.0
     for epoch in range(1, epochs + 1):
         model.train()
-        start, total_loss = time.perf_counter(), 0.0
+        start, total_loss = time.perf_counter(), torch.zeros((), device=device)
         order = torch.randperm(len(images), device=device, generator=generator)
         for step in range(steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = normalize(augment(images[idx], generator), mean, std)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with device_autocast(device):
-                loss = loss_fn(model(x).float(), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            x = training_batch(images, idx, generator, mean, std)
+            total_loss += training_step(step_model, x, labels[idx], loss_fn, optimizer, scaler)
             scheduler.step()
-            total_loss += loss.item()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -104,7 +120,7 @@ def train(
         val_loss = float(torch.nn.functional.binary_cross_entropy(
             torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(vy).double()))
         val_auc = classification_report(vy, prob, 0.5, ds.classes)["auc"]
-        row = {"epoch": epoch, "train_loss": total_loss / steps, "val_loss": val_loss, "val_auc": val_auc,
+        row = {"epoch": epoch, "train_loss": total_loss.item() / steps, "val_loss": val_loss, "val_auc": val_auc,
                "seconds": seconds, "images_per_second": steps * batch_size / seconds}
         history.append(row)
         log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,

@@ -1,0 +1,73 @@
+"""Images/s of the project's training data path vs a seed-style ImageFolder + PIL + DataLoader.
+
+Project: ingest once (not timed), then uint8 tensors -> batched augment + normalize (what train runs).
+Seed: torchvision ImageFolder decoding every JPEG with PIL each epoch, the seed's transforms,
+DataLoader with one worker per core. Same machine, same run, same number of images.
+Last line: {"project_img_s", "seed_img_s", "ratio", ...}.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+
+def project_img_s(data: str, size: int, batch: int, n: int) -> float:
+    from components.data import StoredDataset
+    from components.ingest import ingest
+    from components.train import training_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = torch.from_numpy(StoredDataset(ingest(data, tmp, image_size=size)["uri"]).split("train")[0])
+    generator = torch.Generator().manual_seed(0)
+    training_batch(images, torch.arange(batch), generator, 0.45, 0.23)  # warm-up
+    start, done = time.perf_counter(), 0
+    while done < n:
+        idx = torch.randint(0, len(images), (batch,), generator=generator)
+        training_batch(images, idx, generator, 0.45, 0.23)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def seed_img_s(data: str, size: int, batch: int, n: int, workers: int) -> float:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([  # the seed's training transforms
+        transforms.Grayscale(1),
+        transforms.Resize((size, size)),
+        transforms.RandomEqualize(),
+        transforms.RandomRotation((-25, 20)),
+        transforms.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.45], [0.23]),
+    ])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(data, "train"), tf), batch_size=batch,
+                                         shuffle=True, num_workers=workers, persistent_workers=False)
+    start, done = time.perf_counter(), 0
+    for x, _ in loader:
+        done += len(x)
+        if done >= n:
+            break
+    return done / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True, help="ImageFolder with train/ (e.g. ../shared/data/chest_xray_224)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=2048)
+    a = p.parse_args()
+    workers = os.cpu_count() or 1
+    seed = seed_img_s(a.data, a.image_size, a.batch_size, a.images, workers)
+    project = project_img_s(a.data, a.image_size, a.batch_size, a.images)
+    print(json.dumps({"benchmark": "data_path", "image_size": a.image_size, "images": a.images,
+                      "cpu_cores": workers, "torch_threads": torch.get_num_threads(),
+                      "project_img_s": round(project, 1), "seed_img_s": round(seed, 1),
+                      "ratio": round(project / seed, 2)}))
+
+
+if __name__ == "__main__":
+    main()

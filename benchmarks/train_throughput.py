@@ -1,0 +1,81 @@
+"""Training images/s fed by the project's data path vs synthetic tensors already on the device.
+
+Both run the same model, optimizer and autocast settings for the same number of steps; the
+ceiling skips only the data path (indexing the uint8 images, augmentation, normalisation).
+Prints one JSON line per backbone: {"backbone", "device", "img_s", "ceiling_img_s", "fraction"}.
+"""
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+
+def timed_steps(model, make_batch, labels, steps, loss_fn, optimizer, scaler, device) -> float:
+    from components.train import training_step
+
+    for _ in range(3):  # warm-up (cudnn autotuning, allocator)
+        x, y = make_batch()
+        training_step(model, x, y, loss_fn, optimizer, scaler)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = make_batch()
+        training_step(model, x, y, loss_fn, optimizer, scaler)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * len(labels) / (time.perf_counter() - start)
+
+
+def main():
+    from components.backbones import create_backbone, grayscale_normalization
+    from components.data import StoredDataset
+    from components.ingest import ingest
+    from components.train import training_batch
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True, help="ImageFolder (e.g. ../shared/data/chest_xray_224)")
+    p.add_argument("--backbones", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    with tempfile.TemporaryDirectory() as tmp:
+        x_all, y_all, _ = StoredDataset(ingest(a.data, tmp, image_size=a.image_size)["uri"]).split("train")
+    images, labels = torch.from_numpy(x_all).to(device), torch.from_numpy(y_all).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name in a.backbones.split(","):
+        model = create_backbone(name).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        run_model = torch.compile(model) if a.compile else model
+        mean, std = grayscale_normalization(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        loss_fn = torch.nn.CrossEntropyLoss()
+        fixed_y = labels[: a.batch_size]
+        synthetic = torch.randn(a.batch_size, 1, a.image_size, a.image_size, device=device)
+        if device.type == "cuda":
+            synthetic = synthetic.contiguous(memory_format=torch.channels_last)
+
+        def project_batch():
+            idx = torch.randint(0, len(images), (a.batch_size,), device=device, generator=generator)
+            return training_batch(images, idx, generator, mean, std), labels[idx]
+
+        args = (fixed_y, a.steps, loss_fn, optimizer, scaler, device)
+        ceiling = timed_steps(run_model, lambda: (synthetic, fixed_y), *args)
+        real = timed_steps(run_model, project_batch, *args)
+        print(json.dumps({"benchmark": "train_throughput", "backbone": name, "device": torch.cuda.get_device_name()
+                          if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                          "image_size": a.image_size, "batch_size": a.batch_size, "compile": a.compile,
+                          "img_s": round(real, 1), "ceiling_img_s": round(ceiling, 1),
+                          "fraction": round(real / ceiling, 3)}))
+
+
+if __name__ == "__main__":
+    main()
