@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 # Kermany file names: PNEUMONIA "person1_bacteria_1.jpeg", NORMAL "IM-0115-0001.jpeg" and
 # "NORMAL2-IM-1427-0001.jpeg". Anything else is treated as its own patient.
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^((?:NORMAL2-)?IM-\d+)-"))
@@ -60,12 +59,13 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[ImageFile]]:
     files = []
     for s in splits:
         for c in classes:
+            # every visible file counts (ingest decodes it to decide); hidden files are ignored
             found = sorted(
                 p for p in (root / s / c).iterdir()
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
             )
             if not found and s == "train":
-                raise DataError(f"{root}/{s}/{c} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise DataError(f"{root}/{s}/{c} holds no images: a class needs at least one")
             files += [ImageFile(s, c, p, f"{s}/{c}/{p.name}") for p in found]
     return classes, files
 

@@ -22,10 +22,10 @@ def test_classes_come_from_folders_sorted(tmp_path):
     for c in ("zebra", "apple"):
         _img(tmp_path / "train" / c / "a.png")
     (tmp_path / "train" / "apple" / ".hidden.png").write_bytes(b"ignored")
-    (tmp_path / "train" / "apple" / "notes.txt").write_text("ignored")
+    (tmp_path / "train" / "apple" / "notes.txt").write_text("listed: ingest decides")
     classes, files = scan_image_folder(tmp_path)
     assert classes == ["apple", "zebra"]
-    assert [f.relpath for f in files] == ["train/apple/a.png", "train/zebra/a.png"]
+    assert [f.relpath for f in files] == ["train/apple/a.png", "train/apple/notes.txt", "train/zebra/a.png"]
 
 
 @pytest.mark.parametrize("layout, message", [
