@@ -21,6 +21,20 @@ def check_backbone(name: str) -> None:
         raise BackboneError(f"unknown backbone {name!r}: not a timm model name.{hint}")
 
 
+MIN_IMAGE_SIZE = 32  # CNN backbones downsample 32x: smaller inputs vanish before the head
+
+
+def check_image_size(name: str, size: int) -> None:
+    """Reject an image size the backbone cannot take (fixed-size models such as ViTs, or < 32 px)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size and size != cfg.input_size[-1]:
+        raise BackboneError(f"{name} takes only {cfg.input_size[-1]} px images, not --image-size {size}")
+    if size < MIN_IMAGE_SIZE:
+        raise BackboneError(f"--image-size {size} is too small for {name}: use at least {MIN_IMAGE_SIZE} px")
+
+
 def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, weights: str = ""):
     """A timm model with ``num_classes`` outputs and ``in_chans=1``.
 

@@ -184,7 +184,7 @@ def summary(uri: str, sha: str, manifest: dict, uploaded: int) -> dict:
 
 
 @component()
-def ingest_op(data: str, storage: str, image_size: int, seed: int, dataset: dsl.Output[dsl.Dataset]):
+def ingest_op(data: str, storage: str, image_size: int, seed: int, on_invalid: str, dataset: dsl.Output[dsl.Dataset]):
     """Ingest an ImageFolder (local dir or s3:// prefix) into the store as a dataset version."""
     import json
     import logging
@@ -192,7 +192,7 @@ def ingest_op(data: str, storage: str, image_size: int, seed: int, dataset: dsl.
     from components.ingest import ingest
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    info = ingest(data, storage, image_size=image_size, seed=seed)
+    info = ingest(data, storage, image_size=image_size, seed=seed, on_invalid=on_invalid)
     dataset.metadata.update(info)
     with open(dataset.path, "w") as f:
         json.dump(info, f, indent=1)
