@@ -100,11 +100,12 @@ def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0, on_inv
         raise DataError(f"image_size={image_size}: use at least 8 pixels")
     if on_invalid not in validation.ON_INVALID:
         raise DataError(f"on_invalid={on_invalid!r}: use one of {', '.join(validation.ON_INVALID)}")
+    telemetry = IngestTelemetry()  # Prometheus pushgateway, when configured
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
         root = _fetch_source(data, Path(tmp))
         classes, files = scan_image_folder(root)
         with ThreadPoolExecutor(8) as pool:
-            shas = list(pool.map(lambda f: _sha256(f.path, root), files))
+            shas = list(progress(pool.map(lambda f: _sha256(f.path, root), files), len(files), "ingest: hash", "file"))
         # the version is a function of the inputs: the files and the settings that shape the
         # output (a carved test split depends on seed and fraction), so no work is needed to find it
         identity = {
@@ -125,12 +126,14 @@ def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0, on_inv
         else:
             manifest = _write_version(store, root, classes, files, shas, image_size, seed, on_invalid, data)
             uploaded = len(manifest["files"]) + len(manifest["counts"]) + 2
+    telemetry.done(len(files), uploaded, manifest["counts"])
     return summary(store.uri, sha, manifest, uploaded)
 
 
 def _write_version(store, root, classes, files, shas, image_size, seed, on_invalid, data) -> dict:
     with ThreadPoolExecutor(4) as pool:
-        checked = list(pool.map(lambda f: validation.check_file(f, root, image_size), files))
+        checked = list(progress(pool.map(lambda f: validation.check_file(f, root, image_size), files), len(files),
+                                "ingest: decode", "img"))
     rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked) if why]
     # the report is kept even when ingest stops: without a manifest the version stays invisible
     store.put_bytes("validation.json", json.dumps({"rejected": rejected}, indent=1).encode())

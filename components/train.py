@@ -70,6 +70,7 @@ def train(
 
     from components.backbones import create_backbone, grayscale_normalization, predict, save_checkpoint
     from components.metrics import choose_threshold, classification_report
+    from components.telemetry import TrainTelemetry, progress
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs}, batch_size={batch_size}: both must be at least 1")
@@ -102,11 +103,12 @@ def train(
     step_model = torch.compile(model) if compile_model else model
 
     history, best, train_seconds = [], None, 0.0
+    telemetry = TrainTelemetry(backbone, epochs)  # Prometheus pushgateway, when configured
     for epoch in range(1, epochs + 1):
         model.train()
         start, total_loss = time.perf_counter(), torch.zeros((), device=device)
         order = torch.randperm(len(images), device=device, generator=generator)
-        for step in range(steps):
+        for step in progress(range(steps), desc=f"{backbone} epoch {epoch}/{epochs}", unit="batch"):
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = training_batch(images, idx, generator, mean, std)
             total_loss += training_step(step_model, x, labels[idx], loss_fn, optimizer, scaler)
@@ -123,6 +125,7 @@ def train(
         row = {"epoch": epoch, "train_loss": total_loss.item() / steps, "val_loss": val_loss, "val_auc": val_auc,
                "seconds": seconds, "images_per_second": steps * batch_size / seconds}
         history.append(row)
+        telemetry.epoch_done(row, samples=steps * batch_size)
         log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,
                  epochs, row["train_loss"], val_loss, val_auc, row["images_per_second"])
         if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
@@ -139,6 +142,7 @@ def train(
         "device": str(device),
     }
     save_checkpoint(checkpoint_path, model, **meta)
+    telemetry.done()
     return meta
 
 
@@ -146,8 +150,10 @@ def train(
 def train_op(
     dataset: dsl.Input[dsl.Dataset], backbone: str, epochs: int, batch_size: int, learning_rate: float,
     seed: int, pretrained: bool, pretrained_weights: str, model: dsl.Output[dsl.Model],
+    torchscript: dsl.Output[dsl.Model],
 ):
-    """Train one timm backbone on the ingested dataset (GPU with AMP when present)."""
+    """Train one timm backbone on the ingested dataset (GPU with AMP when present); the selected
+    epoch's model also as TorchScript (uint8 images in, P(positive) out)."""
     import logging
 
     from components.train import train
@@ -157,3 +163,6 @@ def train_op(
                  learning_rate=learning_rate, seed=seed, pretrained=pretrained, weights=pretrained_weights)
     model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "image_size", "epochs",
                                                 "pretrained", "seconds", "images_per_second")})
+    from components.export import export_torchscript
+
+    torchscript.metadata.update(export_torchscript(model.path, torchscript.path))
