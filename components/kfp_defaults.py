@@ -3,8 +3,9 @@ import os
 
 from kfp import dsl
 
-# The image reference comes from configuration (make image / compile set it), never ":latest".
-BASE_IMAGE = os.environ.get("PNEUMONIA_KFP_IMAGE", "ghcr.io/pneumonia-kfp/pneumonia-kfp:0.1.0")
+# The default image of the components; a cluster compile replaces it on every task with the
+# configured one (pipelines/settings.py: --image, PNEUMONIA_KFP_IMAGE or a settings file).
+BASE_IMAGE = "ghcr.io/pneumonia-kfp/pneumonia-kfp:0.1.0"
 
 
 def component():

@@ -1,11 +1,13 @@
-"""``pneumonia-kfp``: run the pipeline locally, ingest a dataset, compile the pipeline."""
+"""``pneumonia-kfp``: run the pipeline locally, ingest a dataset, compile the pipeline, submit it to Kubeflow."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,19 +97,44 @@ def ingest_cmd(args) -> int:
     return 0
 
 
-def compile_cmd(args) -> int:
+def compile_pipeline(args, output: str) -> None:
+    """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``."""
     from kfp import compiler
 
     from pipelines.pipeline import build_pipeline
+    from pipelines.settings import from_args
 
     check_positive(max_parallel=args.max_parallel)
-    compiler.Compiler().compile(build_pipeline(args.max_parallel), args.output)
+    compiler.Compiler().compile(build_pipeline(args.max_parallel, from_args(args)), output)
+
+
+def compile_cmd(args) -> int:
+    compile_pipeline(args, args.output)
     print(args.output)
     return 0
 
 
+def submit_cmd(args) -> int:
+    from pipelines.pipeline import PIPELINE_NAME
+    from pipelines.submit import parse_params, pipeline_inputs, submit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = str(Path(tmp) / "pipeline.yaml")
+        compile_pipeline(args, package)
+        params = parse_params(args.param, pipeline_inputs(package))
+        run_id, state = submit(package, args.host, params, namespace=args.namespace, experiment=args.experiment,
+                               run_name=args.run_name or f"{PIPELINE_NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                               token=args.token, wait=args.wait, timeout=args.timeout, poll_seconds=args.poll_seconds)
+    print(run_id)
+    if state not in (None, "SUCCEEDED"):
+        print(f"pneumonia-kfp submit: run {run_id} finished {state}; its logs are in the pipeline UI", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    from pipelines.pipeline import DEFAULT_BACKBONES, DEFAULT_MAX_PARALLEL
+    from pipelines.pipeline import DEFAULT_BACKBONES, DEFAULT_MAX_PARALLEL, PIPELINE_NAME
+    from pipelines.settings import add_arguments as add_settings_arguments
 
     p = argparse.ArgumentParser(prog="pneumonia-kfp", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,10 +161,27 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=ingest_cmd)
 
-    c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")
     c.add_argument("-o", "--output", default="pipeline.yaml")
     c.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL)
+    add_settings_arguments(c)
     c.set_defaults(func=compile_cmd)
+
+    s = sub.add_parser("submit", help="compile and run the pipeline on a Kubeflow Pipelines cluster")
+    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
+    s.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    s.add_argument("--experiment", default=PIPELINE_NAME, help="experiment name, created if new")
+    s.add_argument("--run-name", help="default: pneumonia-kfp and the time")
+    s.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
+                   help="bearer token (default: $KFP_TOKEN; in a pod: its projected ServiceAccount token)")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline parameter, e.g. data=s3://bucket/chest_xray or backbones=resnet18,resnet50")
+    s.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
+    s.add_argument("--timeout", type=float, default=86400, help="seconds --wait waits (default: a day)")
+    s.add_argument("--poll-seconds", type=float, default=15, help=argparse.SUPPRESS)
+    s.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL)
+    add_settings_arguments(s)
+    s.set_defaults(func=submit_cmd)
     return p
 
 
@@ -145,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     from components.backbones import BackboneError
     from components.data import DataError
     from components.storage import StorageError
+    from pipelines.settings import SettingsError
+    from pipelines.submit import SubmitError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, DataError, StorageError, BackboneError) as e:
+    except (UsageError, DataError, StorageError, BackboneError, SettingsError, SubmitError) as e:
         print(f"pneumonia-kfp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """The pipeline: ingest -> ParallelFor(backbones) { train -> evaluate } -> report(Collected)."""
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 from kfp import dsl
 
@@ -8,6 +8,8 @@ from components.evaluate import evaluate_op
 from components.ingest import ingest_op
 from components.report import report_op
 from components.train import train_op
+from pipelines.platform import configure
+from pipelines.settings import Settings
 
 DEFAULT_BACKBONES = ["resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3"]
 DEFAULT_MAX_PARALLEL = 2
@@ -16,8 +18,12 @@ PIPELINE_NAME = "pneumonia-kfp"
 Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML)])
 
 
-def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL):
-    """The pipeline function; ``max_parallel`` is fixed at compile time (KFP's ParallelFor needs a constant)."""
+def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL, settings: Optional[Settings] = None):
+    """The pipeline function; ``max_parallel`` is fixed at compile time (KFP's ParallelFor needs a constant).
+
+    ``settings`` (a cluster compile) adds the image, GPU scheduling, resources, retries and the MinIO
+    Secret to the tasks; local runs leave them out (the local runner ignores them, or retries locally).
+    """
     if max_parallel < 1:
         raise ValueError(f"max_parallel={max_parallel}: must be at least 1")
 
@@ -45,6 +51,8 @@ def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL):
             evaluate.set_display_name("evaluate")
         report = report_op(dataset=ingest.outputs["dataset"], results=dsl.Collected(evaluate.outputs["results"]))
         report.set_display_name("report")
+        if settings is not None:
+            configure(settings, ingest=ingest, train=train, evaluate=evaluate, report=report)
         return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
                        report_html=report.outputs["html"])
 

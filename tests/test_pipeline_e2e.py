@@ -39,7 +39,7 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capsys):
 def test_compile_has_parallel_for_and_collected(tmp_path):
     target = tmp_path / "pipeline.yaml"
     assert main(["compile", "-o", str(target), "--max-parallel", "3"]) == 0
-    spec = yaml.safe_load(target.read_text())
+    spec = next(yaml.safe_load_all(target.read_text()))  # the IR; the Kubernetes platform spec follows
     dag = spec["root"]["dag"]["tasks"]
     loop = next(t for name, t in dag.items() if name.startswith("for-loop"))
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--backbones"

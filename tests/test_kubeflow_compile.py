@@ -1,0 +1,178 @@
+"""The compiled pipeline, read back strictly through kfp's own protobufs, carries the platform settings."""
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
+from kfp.pipeline_spec import pipeline_spec_pb2 as pb
+
+from pipelines.cli import main
+from pipelines.settings import Settings, SettingsError, load
+
+IMAGE = "registry.example.com/pneumonia-kfp:1.2.3"
+STORE_TASKS = ("exec-ingest-op", "exec-train-op", "exec-evaluate-op")
+# known credential values in the compiling process: none of them may reach the YAML
+CREDENTIALS = {"MINIO_ACCESS_KEY": "AKIA-known-access-key", "MINIO_SECRET_KEY": "known-secret-key-value"}
+
+
+def compile_spec(tmp_path, *args) -> tuple[pb.PipelineSpec, dict, str]:
+    """Compile through the CLI; the IR (strict PipelineSpec), each executor's strict
+    KubernetesExecutorConfig, and the YAML text."""
+    target = tmp_path / "pipeline.yaml"
+    assert main(["compile", "-o", str(target), *args]) == 0
+    text = target.read_text()
+    ir, platform = yaml.safe_load_all(text)
+    spec = json_format.ParseDict(ir, pb.PipelineSpec())
+    platform_spec = json_format.ParseDict(platform, pb.PlatformSpec())
+    executors = platform_spec.platforms["kubernetes"].deployment_spec.executors
+    k8s = {name: json_format.ParseDict(json_format.MessageToDict(config), k8s_pb.KubernetesExecutorConfig())
+           for name, config in executors.items()}
+    return spec, k8s, text
+
+
+@pytest.fixture
+def compiled(tmp_path, monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    return compile_spec(tmp_path, "--image", IMAGE, "--max-parallel", "3")
+
+
+def container(spec: pb.PipelineSpec, executor: str):
+    return spec.deployment_spec.fields["executors"].struct_value.fields[executor].struct_value
+
+
+def parse_container(spec, executor) -> pb.PipelineDeploymentConfig.PipelineContainerSpec:
+    c = container(spec, executor).fields["container"].struct_value
+    return json_format.ParseDict(json_format.MessageToDict(c), pb.PipelineDeploymentConfig.PipelineContainerSpec())
+
+
+def test_parallel_for_over_backbones_with_its_parallelism(compiled):
+    spec, _, _ = compiled
+    root = spec.root.dag.tasks
+    loops = [name for name in root if name.startswith("for-loop")]
+    assert len(loops) == 1
+    loop = root[loops[0]]
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--backbones"
+    assert loop.iterator_policy.parallelism_limit == 3
+    body = spec.components[loop.component_ref.name].dag.tasks
+    assert set(body) == {"train-op", "evaluate-op"}
+    assert body["train-op"].inputs.parameters["backbone"].component_input_parameter == \
+        "pipelinechannel--backbones-loop-item"
+
+
+def test_every_task_runs_the_configured_image(compiled):
+    spec, _, text = compiled
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    assert set(executors) == {"exec-ingest-op", "exec-train-op", "exec-evaluate-op", "exec-report-op"}
+    assert {parse_container(spec, name).image for name in executors} == {IMAGE}
+    assert ":latest" not in text and "pip install" not in text  # nothing installed when a task starts
+
+
+def test_train_gets_a_gpu_shm_resources_tolerations_and_retries(compiled):
+    spec, k8s, _ = compiled
+    resources = parse_container(spec, "exec-train-op").resources
+    assert resources.accelerator.resource_type == "nvidia.com/gpu" and resources.accelerator.resource_count == "1"
+    assert (resources.resource_cpu_request, resources.resource_cpu_limit) == ("4", "8")
+    assert (resources.resource_memory_request, resources.resource_memory_limit) == ("16Gi", "32Gi")
+    assert not parse_container(spec, "exec-evaluate-op").resources.HasField("accelerator")
+
+    train = k8s["exec-train-op"]
+    [shm] = train.empty_dir_mounts
+    assert (shm.mount_path, shm.medium, shm.size_limit) == ("/dev/shm", "Memory", "8Gi")
+    [toleration] = train.tolerations
+    assert (toleration.key, toleration.operator, toleration.effect) == ("nvidia.com/gpu", "Exists", "NoSchedule")
+    assert not train.node_selector.labels  # optional, off by default
+    assert all(not k8s[name].empty_dir_mounts and not k8s[name].tolerations for name in k8s if name != "exec-train-op")
+
+    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
+    retry = spec.components[loop.component_ref.name].dag.tasks["train-op"].retry_policy
+    assert (retry.max_retry_count, retry.backoff_duration.seconds, retry.backoff_factor,
+            retry.backoff_max_duration.seconds) == (2, 60, 2.0, 3600)
+    assert spec.root.dag.tasks["ingest-op"].caching_options.enable_cache
+
+
+def test_store_credentials_come_from_the_secret_only(compiled):
+    spec, k8s, text = compiled
+    for name in STORE_TASKS:
+        [secret] = k8s[name].secret_as_env
+        assert secret.secret_name_parameter.runtime_value.constant.string_value == "mlpipeline-minio-artifact"
+        assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
+            "accesskey": "MINIO_ACCESS_KEY", "secretkey": "MINIO_SECRET_KEY"}
+        env = {e.name: e.value for e in parse_container(spec, name).env}
+        assert env == {"MINIO_ENDPOINT": "minio-service.kubeflow:9000"}
+    assert "exec-report-op" not in k8s  # report reads only its input artifacts: no Secret, no platform config
+    for value in CREDENTIALS.values():
+        assert value not in text
+
+
+def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({
+        "minio": {"endpoint": "https://minio.storage:9000", "secret": "team-minio", "access_key_key": "user",
+                  "secret_key_key": "password"},
+        "env": {"PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"},
+        "image_pull_secrets": ["regcred"],
+        "ingest": {"cache": False},
+        "train": {"accelerator_count": 4, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoExecute",
+                                   "tolerationSeconds": 600}],
+                  "cpu_limit": 16, "shm_size": "16Gi", "retries": 5},
+    }))
+    monkeypatch.setenv("PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT", "2")  # env beats the file
+    monkeypatch.setenv("PNEUMONIA_KFP_IMAGE", "registry.example.com/from-env:2")
+    spec, k8s, _ = compile_spec(tmp_path, "--settings", str(settings), "--set", "train.retries=0", "--image", IMAGE)
+
+    assert parse_container(spec, "exec-train-op").image == IMAGE  # flags beat env
+    train_resources = parse_container(spec, "exec-train-op").resources
+    assert train_resources.accelerator.resource_count == "2" and train_resources.resource_cpu_limit == "16"
+    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
+    assert not spec.components[loop.component_ref.name].dag.tasks["train-op"].HasField("retry_policy")
+    assert not spec.root.dag.tasks["ingest-op"].caching_options.enable_cache
+
+    train = k8s["exec-train-op"]
+    assert dict(train.node_selector.labels) == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    [toleration] = train.tolerations
+    assert (toleration.key, toleration.value, toleration.effect, toleration.toleration_seconds) == (
+        "dedicated", "gpu", "NoExecute", 600)
+    assert train.empty_dir_mounts[0].size_limit == "16Gi"
+    for name in STORE_TASKS:
+        [secret] = k8s[name].secret_as_env
+        assert secret.secret_name_parameter.runtime_value.constant.string_value == "team-minio"
+        assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
+            "user": "MINIO_ACCESS_KEY", "password": "MINIO_SECRET_KEY"}
+        assert {e.name: e.value for e in parse_container(spec, name).env} == {
+            "MINIO_ENDPOINT": "https://minio.storage:9000", "PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"}
+    assert all([p.secret_name for p in k8s[name].image_pull_secret] == ["regcred"] for name in k8s)
+
+
+def test_cpu_only_training(tmp_path):
+    spec, _, _ = compile_spec(tmp_path, "--set", "train.accelerator_count=0")
+    assert not parse_container(spec, "exec-train-op").resources.HasField("accelerator")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "registry.example.com/pneumonia-kfp:latest"], "never :latest"),
+    (["--image", "registry.example.com:5000/pneumonia-kfp"], "pin the image with a tag or digest"),
+    (["--set", "train.gpus=2"], "unknown setting 'train.gpus'; known: env, evaluate.cpu_limit"),
+    (["--set", "train.memory_limit=32GB"], "train.memory_limit='32GB': expected a memory quantity"),
+    (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 or more"),
+    (["--set", "train.tolerations=[{key: a, effects: NoSchedule}]"], "train.tolerations[0]="),
+    (["--set", "env={MINIO_SECRET_KEY: x}"], "credentials come from the Secret minio.secret"),
+    (["--set", "minio.secret=Not_A_Name"], "minio.secret='Not_A_Name': expected a Kubernetes name"),
+    (["--set", "train.retries"], "expected KEY=VALUE"),
+    (["--settings", "/does/not/exist.yaml"], "settings file /does/not/exist.yaml"),
+])
+def test_bad_settings_are_one_clear_line(tmp_path, capsys, args, message):
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_bad_environment_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT", "two")
+    with pytest.raises(SettingsError, match="PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT='two': expected int"):
+        load()
+
+
+def test_defaults_are_valid_and_the_dataclass_is_the_single_source():
+    assert load(environ={}) == Settings().validate()
