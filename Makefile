@@ -10,7 +10,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup run test compile clean
+.PHONY: setup run test compile image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,19 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 compile: setup
-	$(BIN)/pneumonia-kfp compile -o pipeline.yaml
+	$(BIN)/pneumonia-kfp compile -o pipeline.yaml $(if $(IMAGE),--image $(IMAGE))
+
+# `make image IMAGE=registry/name:tag [BASE_IMAGE=...]`: build images/Dockerfile (BuildKit) and push it.
+# A pinned tag only: the compiled pipeline must name exactly what was pushed, never :latest.
+image:
+	@case "$(lastword $(subst /, ,$(IMAGE)))" in \
+	  ""|*:latest|*:) echo "make image: set IMAGE=registry/name:tag with a pinned tag (not :latest)" >&2; exit 2;; \
+	  *:*) ;; \
+	  *) echo "make image: IMAGE=$(IMAGE) has no tag; use registry/name:tag" >&2; exit 2;; \
+	esac
+	DOCKER_BUILDKIT=1 docker build -f images/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+	docker push $(IMAGE)
+	@echo "pushed $(IMAGE); compile or submit with --image $(IMAGE)"
 
 clean:
 	rm -rf $(VENV) $(OUT) pipeline.yaml
