@@ -3,20 +3,29 @@ import json
 
 import yaml
 
+from components.storage import open_store
 from pipelines.cli import main
 
 RESULT_KEYS = {"backbone", "image_size", "epochs", "pretrained", "threshold", "test", "val", "train"}
 SPLIT_KEYS = {"n", "accuracy", "precision", "recall", "specificity", "f1", "auc", "confusion_matrix", "labels", "ci95"}
 
 
-def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capsys):
+def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     out = tmp_path / "out"
     rc = main(["run-local", "--data", str(image_folder), "--output", str(out), "--backbones",
                "resnet18,efficientnet_b0", "--epochs", "1", "--image-size", "32", "--batch-size", "16",
                "--storage", "s3://pipeline-bucket/e2e"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()  # fd-level: the task subprocesses' logs too
+    printed = captured.out
     assert str(out / "results.json") in printed and str(out / "report.html") in printed
+    store = open_store("s3://pipeline-bucket/e2e")
+    # the credentials reach the tasks only through the environment: in no log line, no artifact
+    for secret in ("test-access-key", "test-secret-key"):
+        assert secret not in captured.out + captured.err
+        leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        leaked += [k for k in store.list() if k.endswith(".json") and secret.encode() in store.get_bytes(k)]
+        assert leaked == []
 
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["uri"].startswith("s3://pipeline-bucket/e2e/datasets/")
