@@ -25,19 +25,23 @@ def _uniform(n: int, lo: float, hi: float, like: torch.Tensor, generator) -> tor
 
 def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented."""
-    n = images.shape[0]
+    n, _, h, w = images.shape
     equalize = torch.rand(n, device=images.device, generator=generator) < EQUALIZE_P
-    images = torch.where(equalize[:, None, None, None], TF.equalize(images), images)
+    if equalize.any():  # equalize only the chosen samples: histograms are the costly part
+        images = images.clone()
+        images[equalize] = TF.equalize(images[equalize])
     x = images.float().div_(255)
 
     angle = _uniform(n, *ROTATION_DEGREES, x, generator) * (math.pi / 180)
     scale = _uniform(n, *CROP_SCALE, x, generator)
     # the crop window's centre moves at most as far as keeps it inside the image
-    tx = _uniform(n, -1, 1, x, generator) * (1 - scale)
-    ty = _uniform(n, -1, 1, x, generator) * (1 - scale)
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    tx = (_uniform(n, -1, 1, x, generator) * (1 - scale))[:, None, None]
+    ty = (_uniform(n, -1, 1, x, generator) * (1 - scale))[:, None, None]
+    cos, sin = (torch.cos(angle) * scale)[:, None, None], (torch.sin(angle) * scale)[:, None, None]
+    # the affine sampling grid by broadcasting (what F.affine_grid computes, without its batched matmul)
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device)[None, :, None]
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device)[None, None, :]
+    grid = torch.stack([cos * xs - sin * ys + tx, sin * xs + cos * ys + ty], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

@@ -149,7 +149,7 @@ def train(
 @component()
 def train_op(
     dataset: dsl.Input[dsl.Dataset], backbone: str, epochs: int, batch_size: int, learning_rate: float,
-    seed: int, pretrained: bool, pretrained_weights: str, model: dsl.Output[dsl.Model],
+    seed: int, pretrained: bool, pretrained_weights: str, compile_model: bool, model: dsl.Output[dsl.Model],
     torchscript: dsl.Output[dsl.Model],
 ):
     """Train one timm backbone on the ingested dataset (GPU with AMP when present); the selected
@@ -160,7 +160,8 @@ def train_op(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     meta = train(dataset.metadata["uri"], backbone, model.path, epochs=epochs, batch_size=batch_size,
-                 learning_rate=learning_rate, seed=seed, pretrained=pretrained, weights=pretrained_weights)
+                 learning_rate=learning_rate, seed=seed, pretrained=pretrained, weights=pretrained_weights,
+                 compile_model=compile_model)
     model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "image_size", "epochs",
                                                 "pretrained", "seconds", "images_per_second")})
     from components.export import export_torchscript

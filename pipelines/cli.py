@@ -41,6 +41,7 @@ def check_positive(**values: int | float) -> None:
 def run_local(args) -> int:
     from kfp import local
 
+    from components.backbones import check_image_size
     from components.data import scan_image_folder
     from components.synthetic import make_synthetic
     from pipelines.pipeline import build_pipeline
@@ -49,6 +50,8 @@ def run_local(args) -> int:
     backbones = parse_backbones(args.backbones)
     check_positive(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
                    learning_rate=args.learning_rate, max_parallel=args.max_parallel)
+    for name in backbones:
+        check_image_size(name, args.image_size)
     out.mkdir(parents=True, exist_ok=True)
     synthetic = not args.data
     if synthetic:
@@ -68,7 +71,8 @@ def run_local(args) -> int:
         task = pipeline(
             data=str(data), storage=storage, backbones=backbones, epochs=args.epochs, image_size=args.image_size,
             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            pretrained=args.pretrained, pretrained_weights=args.pretrained_weights,
+            pretrained=args.pretrained, pretrained_weights=args.pretrained_weights, on_invalid=args.on_invalid,
+            compile_model=args.compile_model,
         )
     except RuntimeError as e:
         raise UsageError(f"the local pipeline run failed ({e}); the failing task's log is printed above") from None
@@ -92,7 +96,7 @@ def run_local(args) -> int:
 def ingest_cmd(args) -> int:
     from components.ingest import ingest
 
-    info = ingest(args.data, args.storage, image_size=args.image_size, seed=args.seed)
+    info = ingest(args.data, args.storage, image_size=args.image_size, seed=args.seed, on_invalid=args.on_invalid)
     print(info["uri"])
     return 0
 
@@ -152,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
     r.add_argument("--pretrained-weights", default="", help="weights file or store URI (air-gapped)")
     r.add_argument("--storage", help="store URI (default: file://OUTPUT/store)")
+    r.add_argument("--on-invalid", choices=("fail", "skip"), default="fail",
+                   help="a file that does not decode: stop (default) or leave it out")
+    r.add_argument("--compile-model", action="store_true", help="torch.compile the model for training")
     r.set_defaults(func=run_local)
 
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")
@@ -159,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--storage", required=True, help="file:///abs/path or s3://bucket/prefix")
     i.add_argument("--image-size", type=int, default=224)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
     i.set_defaults(func=ingest_cmd)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")

@@ -39,13 +39,16 @@ def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL, settings: Optional[
         seed: int = 0,
         pretrained: bool = False,
         pretrained_weights: str = "",
+        on_invalid: str = "fail",
+        compile_model: bool = False,
     ) -> Outputs:
-        ingest = ingest_op(data=data, storage=storage, image_size=image_size, seed=seed)
+        ingest = ingest_op(data=data, storage=storage, image_size=image_size, seed=seed, on_invalid=on_invalid)
         ingest.set_display_name("ingest")
         with dsl.ParallelFor(backbones, parallelism=max_parallel) as backbone:
             train = train_op(
                 dataset=ingest.outputs["dataset"], backbone=backbone, epochs=epochs, batch_size=batch_size,
                 learning_rate=learning_rate, seed=seed, pretrained=pretrained, pretrained_weights=pretrained_weights,
+                compile_model=compile_model,
             ).set_display_name("train")
             evaluate = evaluate_op(dataset=ingest.outputs["dataset"], model=train.outputs["model"])
             evaluate.set_display_name("evaluate")

@@ -10,6 +10,8 @@ from pipelines.cli import main
     (["--backbones", "resnet181"], "unknown backbone 'resnet181'"),
     (["--epochs", "0"], "--epochs=0"),
     (["--batch-size", "-1"], "--batch-size=-1"),
+    (["--backbones", "resnet18", "--image-size", "16"], "too small for resnet18"),
+    (["--backbones", "vit_base_patch16_224", "--image-size", "64"], "takes only 224 px"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     rc = main(["run-local", "--output", str(tmp_path / "o"), *args])
