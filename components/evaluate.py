@@ -1,10 +1,35 @@
-"""evaluate: the trained checkpoint, at its validation-chosen threshold, on the test split (once)."""
+"""evaluate: the trained checkpoint, at its validation-chosen threshold, on the test split (once).
+
+For the KFP UI each model gets a ``system.Metrics`` (scalars: test metrics with their 95 % CI
+bounds, validation AUC, threshold, training figures) and a ``system.ClassificationMetrics``
+(``confusionMatrix`` with the class names as ``annotationSpecs``, ROC as ``confidenceMetrics``).
+"""
+import math
 
 from kfp import dsl
 
 from components.kfp_defaults import component
 
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
+
+
+def ui_scalars(r: dict) -> dict[str, float]:
+    """The Metrics artifact's scalars for one model (finite numbers only: the UI's metadata is a
+    protobuf Struct, which has no NaN; an undefined AUC is left out rather than faked)."""
+    t = r["test"]
+    out = {f"test_{name}": t[name] for name in SCALARS}
+    for name in CI_SCALARS:
+        lo_hi = t.get("ci95", {}).get(name)
+        if lo_hi:
+            out[f"test_{name}_ci95_low"], out[f"test_{name}_ci95_high"] = lo_hi
+    out.update({
+        "test_n": t["n"], "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
+        "best_epoch": r["train"]["best_epoch"], "train_seconds": r["train"]["seconds"],
+        "train_images_per_second": r["train"]["images_per_second"], "parameters": r.get("parameters"),
+    })
+    return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
+            if v is not None and math.isfinite(v)}
 
 
 def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
@@ -25,6 +50,7 @@ def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
     return {
         "backbone": meta["backbone"], "image_size": meta["image_size"], "epochs": meta["epochs"],
         "pretrained": meta["pretrained"], "threshold": meta["threshold"],
+        "parameters": sum(p.numel() for p in model.parameters()),
         "test": classification_report(y, prob, meta["threshold"], ds.classes),
         "val": meta["val"],
         "train": {"seconds": meta["seconds"], "images_per_second": meta["images_per_second"],
@@ -41,16 +67,16 @@ def evaluate_op(
 ):
     """Test-set metrics of one model: scalars, confusion matrix + ROC for the UI, results JSON."""
     import json
+    import math
 
-    from components.evaluate import SCALARS, evaluate
+    from components.evaluate import evaluate, ui_scalars
 
     r = evaluate(dataset.metadata["uri"], model.path)
-    for name in SCALARS:
-        metrics.log_metric(f"test_{name}", round(r["test"][name], 6))
-    metrics.log_metric("threshold", round(r["threshold"], 6))
-    metrics.log_metric("best_epoch", r["train"]["best_epoch"])
+    for name, value in ui_scalars(r).items():
+        metrics.log_metric(name, value)
     classification.log_confusion_matrix(r["test"]["labels"], r["test"]["confusion_matrix"])
-    classification.log_roc_curve(r["roc"]["fpr"], r["roc"]["tpr"], r["roc"]["thresholds"])
+    if all(math.isfinite(v) for v in r["roc"]["fpr"] + r["roc"]["tpr"]):  # undefined on a one-class test split
+        classification.log_roc_curve(r["roc"]["fpr"], r["roc"]["tpr"], r["roc"]["thresholds"])
     results.metadata["backbone"] = r["backbone"]
     with open(results.path, "w") as f:
         json.dump(r, f, indent=1)
