@@ -1,5 +1,7 @@
 """`pneumonia-kfp submit` against a local HTTP server speaking the KFP v2beta1 REST API."""
+import builtins
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -11,6 +13,16 @@ from tests.conftest import free_port
 
 TOKEN = "t0ken-for-tests"
 S3 = ["--param", "data=s3://bucket/chest_xray", "--param", "storage=s3://bucket/pneumonia"]
+PRINT = builtins.print  # collection runs before any test: still Python's own
+
+
+@pytest.fixture(autouse=True)
+def clean_process_state(monkeypatch):
+    """A `submit` process starts clean; in this test process an earlier kfp local run can leave
+    builtins.print indented and a root log handler on a closed capture stream (kfp's local runner
+    patches both per task, and its ParallelFor threads restore them out of order)."""
+    monkeypatch.setattr(builtins, "print", PRINT)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
 
 class FakeKFP(ThreadingHTTPServer):
