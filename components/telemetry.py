@@ -137,7 +137,11 @@ class IngestTelemetry:
 
 
 class TrainTelemetry:
-    def __init__(self, backbone: str, epochs: int, gateway: str | None = None):
+    """``history``/``samples_per_epoch``: the epochs a resumed run finished before its restart, so
+    counters and totals carry on instead of starting again at zero."""
+
+    def __init__(self, backbone: str, epochs: int, gateway: str | None = None, history=(),
+                 samples_per_epoch: int = 0):
         _disable_created_series()
         p = self._pusher = _Pusher(f"{PREFIX}_train", {"backbone": backbone}, gateway)
         self.samples = p.counter("train_samples_processed", "Training images seen, summed over epochs")
@@ -153,6 +157,8 @@ class TrainTelemetry:
         self.planned.set(epochs)
         self._last_success = None
         self._best = -math.inf
+        for row in history:
+            self._record(row, samples_per_epoch)
 
     @property
     def registry(self):
@@ -160,6 +166,10 @@ class TrainTelemetry:
 
     def epoch_done(self, row: dict, samples: int) -> None:
         """After an epoch: ``row`` is train's history row (epoch, losses, val_auc, seconds, images/s)."""
+        self._record(row, samples)
+        self._pusher.push()
+
+    def _record(self, row: dict, samples: int) -> None:
         self.samples.inc(samples)
         self.epoch.set(row["epoch"])
         self.loss.set(row["train_loss"])
@@ -171,7 +181,6 @@ class TrainTelemetry:
         self.rate.set(row["images_per_second"])
         self.epoch_seconds.set(row["seconds"])
         self.duration.inc(row["seconds"])
-        self._pusher.push()
 
     def done(self) -> None:
         if self._last_success is None:
@@ -200,6 +209,13 @@ def _terminal():
     return _TTY[0]
 
 
+def _columns(out) -> int:
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def progress_mode() -> str:
     mode = os.environ.get(ENV_PROGRESS, "auto").strip().lower() or "auto"
     if mode not in ("auto", "bar", "log", "off"):
@@ -222,8 +238,9 @@ def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it
         if out is not None:
             from tqdm import tqdm
 
-            return tqdm(iterable, total=total, desc=desc, unit=unit, file=out, dynamic_ncols=True,
-                        mininterval=0.5)
+            sized = _columns(out) > 0  # a terminal that reports 0 columns (some ptys) gets a fixed width
+            return tqdm(iterable, total=total, desc=desc, unit=unit, file=out, dynamic_ncols=sized,
+                        ncols=None if sized else 100, mininterval=0.5)
     if every is None:
         every = float(os.environ.get(ENV_PROGRESS_SECONDS, "30"))
     return _LogProgress(iterable, total, desc, unit, every)

@@ -103,7 +103,8 @@ def train(
     step_model = torch.compile(model) if compile_model else model
 
     history, best, train_seconds = [], None, 0.0
-    telemetry = TrainTelemetry(backbone, epochs)  # Prometheus pushgateway, when configured
+    # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
+    telemetry = TrainTelemetry(backbone, epochs, history=history, samples_per_epoch=steps * batch_size)
     for epoch in range(1, epochs + 1):
         model.train()
         start, total_loss = time.perf_counter(), torch.zeros((), device=device)

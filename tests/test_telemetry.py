@@ -59,6 +59,16 @@ def test_train_metrics_reach_the_pushgateway(pushgateway):
     delete_group(pushgateway, "job/pneumonia_kfp_train/backbone/resnet18")
 
 
+def test_a_resumed_run_carries_on_counting():
+    tel = TrainTelemetry("resnet18", epochs=3, history=[_row(1, 0.8), _row(2, 0.7)], samples_per_epoch=64)
+    tel.epoch_done(_row(3, 0.75), samples=64)
+    value = tel.registry.get_sample_value
+    assert value("pneumonia_kfp_train_samples_processed_total") == 192
+    assert value("pneumonia_kfp_train_duration_seconds") == 6
+    assert value("pneumonia_kfp_train_epoch") == 3
+    assert value("pneumonia_kfp_train_best_validation_auc") == pytest.approx(0.8)
+
+
 def test_ingest_metrics_reach_the_pushgateway(pushgateway):
     tel = IngestTelemetry(gateway=pushgateway)
     tel.done(images=52, uploaded=56, counts={"train": {"NORMAL": 20, "PNEUMONIA": 20}, "test": {"NORMAL": 6}})
