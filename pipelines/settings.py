@@ -32,10 +32,13 @@ SETTINGS_FILE_ENV = "PNEUMONIA_KFP_SETTINGS"
 CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
 MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
 K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+SECRET_DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DURATION = re.compile(r"^[0-9]+s$")
 CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+TOLERATION_VALUES = {"operator": (None, "Equal", "Exists"),
+                     "effect": (None, "NoSchedule", "PreferNoSchedule", "NoExecute")}
 
 
 class SettingsError(ValueError):
@@ -97,7 +100,8 @@ class Settings:
         for key in ("ingest", "train", "evaluate", "report"):
             r = getattr(self, key)
             for name in ("cpu_request", "cpu_limit"):
-                _check(f"{key}.{name}", getattr(r, name), lambda v: not v or CPU.match(v), "a CPU quantity like 2 or 500m")
+                _check(f"{key}.{name}", getattr(r, name), lambda v: not v or CPU.match(v),
+                       "a CPU quantity like 2 or 500m")
             for name in ("memory_request", "memory_limit"):
                 _check(f"{key}.{name}", getattr(r, name), lambda v: not v or MEMORY.match(v),
                        "a memory quantity like 512Mi or 16Gi")
@@ -108,19 +112,24 @@ class Settings:
         for name in ("retry_backoff", "retry_backoff_max"):
             _check(f"train.{name}", getattr(t, name), lambda v: DURATION.match(v), "seconds like 60s")
         for i, tol in enumerate(t.tolerations):
-            _check(f"train.tolerations[{i}]", tol, lambda v: isinstance(v, dict) and set(v) <= TOLERATION_KEYS,
-                   f"a toleration with keys from {sorted(TOLERATION_KEYS)}")
+            _check(f"train.tolerations[{i}]", tol, lambda v: isinstance(v, dict) and set(v) <= TOLERATION_KEYS and all(
+                v.get(k) in allowed for k, allowed in TOLERATION_VALUES.items()),
+                f"a toleration with keys from {sorted(TOLERATION_KEYS)}, operator Equal|Exists, "
+                "effect NoSchedule|PreferNoSchedule|NoExecute")
         _check("train.node_selector", t.node_selector, _str_dict, "a map of label to value")
-        for name in ("secret", "access_key_key", "secret_key_key"):
-            _check(f"minio.{name}", getattr(self.minio, name), lambda v: K8S_NAME.match(v), "a Kubernetes name")
+        _check("minio.secret", self.minio.secret, K8S_NAME.match, "a Kubernetes name")
+        for name in ("access_key_key", "secret_key_key"):
+            _check(f"minio.{name}", getattr(self.minio, name), SECRET_DATA_KEY.match, "a key of the Secret's data")
         for name in self.image_pull_secrets:
             _check("image_pull_secrets", name, lambda v: isinstance(v, str) and K8S_NAME.match(v), "Secret names")
         _check("env", self.env, _str_dict, "a map of variable name to value")
         for name in self.env:
             _check(f"env.{name}", name, ENV_NAME.match, "an environment variable name")
-            if CREDENTIAL_ENV.search(name) or name in ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"):
+            if CREDENTIAL_ENV.search(name):
                 raise SettingsError(f"env.{name}: credentials come from the Secret minio.secret, never from plain "
                                     "env (its value would be written into the compiled pipeline)")
+            if name == "MINIO_ENDPOINT":
+                raise SettingsError("env.MINIO_ENDPOINT: set minio.endpoint instead")
         return self
 
 

@@ -107,8 +107,8 @@ def test_store_credentials_come_from_the_secret_only(compiled):
 def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
     settings = tmp_path / "settings.yaml"
     settings.write_text(yaml.safe_dump({
-        "minio": {"endpoint": "https://minio.storage:9000", "secret": "team-minio", "access_key_key": "user",
-                  "secret_key_key": "password"},
+        "minio": {"endpoint": "https://minio.storage:9000", "secret": "team-minio",
+                  "access_key_key": "AWS_ACCESS_KEY_ID", "secret_key_key": "AWS_SECRET_ACCESS_KEY"},
         "env": {"PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"},
         "image_pull_secrets": ["regcred"],
         "ingest": {"cache": False},
@@ -138,7 +138,7 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
         [secret] = k8s[name].secret_as_env
         assert secret.secret_name_parameter.runtime_value.constant.string_value == "team-minio"
         assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
-            "user": "MINIO_ACCESS_KEY", "password": "MINIO_SECRET_KEY"}
+            "AWS_ACCESS_KEY_ID": "MINIO_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY": "MINIO_SECRET_KEY"}
         assert {e.name: e.value for e in parse_container(spec, name).env} == {
             "MINIO_ENDPOINT": "https://minio.storage:9000", "PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"}
     assert all([p.secret_name for p in k8s[name].image_pull_secret] == ["regcred"] for name in k8s)
@@ -156,6 +156,8 @@ def test_cpu_only_training(tmp_path):
     (["--set", "train.memory_limit=32GB"], "train.memory_limit='32GB': expected a memory quantity"),
     (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 or more"),
     (["--set", "train.tolerations=[{key: a, effects: NoSchedule}]"], "train.tolerations[0]="),
+    (["--set", "train.tolerations=[{key: a, operator: Equals}]"], "operator Equal|Exists"),
+    (["--set", "env={MINIO_ENDPOINT: x:9000}"], "set minio.endpoint instead"),
     (["--set", "env={MINIO_SECRET_KEY: x}"], "credentials come from the Secret minio.secret"),
     (["--set", "minio.secret=Not_A_Name"], "minio.secret='Not_A_Name': expected a Kubernetes name"),
     (["--set", "train.retries"], "expected KEY=VALUE"),

@@ -43,7 +43,8 @@ def test_overlay_renders_and_validates(overlay):
             assert ":" in c["image"] and not c["image"].endswith(":latest")
             assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     binding = find(objects, "RoleBinding", "pneumonia-kfp-submitter")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pneumonia-kfp-submitter", "namespace": "kubeflow"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pneumonia-kfp-submitter", "namespace": "kubeflow"}]
 
 
 @pytest.mark.parametrize("overlay", sorted(OBJECTS))

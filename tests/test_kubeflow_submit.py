@@ -181,7 +181,7 @@ def test_bad_parameter_is_rejected_before_any_request(kfp_api, capsys, args, mes
 
 @pytest.mark.parametrize("params, message", [
     (["--param", "data=s3://bucket/x"], "missing --param storage=... (no default)"),
-    (["--param", "data=/home/me/chest_xray", "--param", "storage=s3://b/p"], "--param data=/home/me/chest_xray: a path"),
+    (["--param", "data=/home/me/xray", "--param", "storage=s3://b/p"], "--param data=/home/me/xray: a path"),
     (["--param", "data=s3://b/x", "--param", "storage=file:///tmp/store"], "use s3://bucket/prefix"),
 ])
 def test_missing_or_local_parameters(kfp_api, capsys, params, message):
