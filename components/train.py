@@ -7,6 +7,7 @@ import time
 import numpy as np
 from kfp import dsl
 
+from components import resume
 from components.data import DataError, StoredDataset, grouped_holdout, groups_of
 from components.kfp_defaults import component
 
@@ -102,10 +103,25 @@ def train(
     generator = torch.Generator(device=device).manual_seed(seed)
     step_model = torch.compile(model) if compile_model else model
 
-    history, best, train_seconds = [], None, 0.0
+    history, best, train_seconds, first_epoch = [], None, 0.0, 1
+    states = resume.state_store(dataset_uri, {
+        "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "seed": seed, "pretrained": pretrained, "weights": weights,
+    })
+    saved = resume.load(states, device)
+    if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["generator"].cpu())  # RNG states live on the CPU whatever the device
+        torch.set_rng_state(saved["cpu_rng"].cpu())
+        history, best, train_seconds = saved["history"], saved["best"], saved["train_seconds"]
+        first_epoch = saved["epoch"] + 1
+        log.warning("%s: resuming after epoch %d from %s", backbone, saved["epoch"], states.uri_of("last.pt"))
     # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
     telemetry = TrainTelemetry(backbone, epochs, history=history, samples_per_epoch=steps * batch_size)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         start, total_loss = time.perf_counter(), torch.zeros((), device=device)
         order = torch.randperm(len(images), device=device, generator=generator)
@@ -127,19 +143,25 @@ def train(
                "seconds": seconds, "images_per_second": steps * batch_size / seconds}
         history.append(row)
         telemetry.epoch_done(row, samples=steps * batch_size)
+        if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
+            best = {**row, "state": copy.deepcopy(model.state_dict()), "prob": torch.from_numpy(prob)}
+        resume.save(states, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
+            "cpu_rng": torch.get_rng_state(), "history": history, "best": best, "train_seconds": train_seconds,
+        })
         log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,
                  epochs, row["train_loss"], val_loss, val_auc, row["images_per_second"])
-        if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
-            best = {**row, "state": copy.deepcopy(model.state_dict()), "prob": prob}
 
     model.load_state_dict(best["state"])
-    threshold = choose_threshold(vy, best["prob"])
+    best_prob = best["prob"].cpu().numpy()
+    threshold = choose_threshold(vy, best_prob)
     meta = {
         "backbone": backbone, "classes": ds.classes, "image_size": int(tx.shape[-1]),
         "mean": mean, "std": std, "epochs": epochs, "best_epoch": best["epoch"], "threshold": threshold,
         "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source,
         "seconds": train_seconds, "images_per_second": epochs * steps * batch_size / train_seconds,
-        "history": history, "val": classification_report(vy, best["prob"], threshold, ds.classes, ci_seed=seed),
+        "history": history, "val": classification_report(vy, best_prob, threshold, ds.classes, ci_seed=seed),
         "device": str(device),
     }
     save_checkpoint(checkpoint_path, model, **meta)

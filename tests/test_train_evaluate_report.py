@@ -5,7 +5,9 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
