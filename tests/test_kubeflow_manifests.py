@@ -12,7 +12,7 @@ from pipelines.settings import load
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 BASE = {("ServiceAccount", "pneumonia-kfp-submitter"), ("RoleBinding", "pneumonia-kfp-submitter"),
         ("ConfigMap", "pneumonia-kfp-settings"), ("Service", "pneumonia-kfp-pushgateway"),
-        ("Deployment", "pneumonia-kfp-pushgateway")}
+        ("Deployment", "pneumonia-kfp-pushgateway"), ("ConfigMap", "pneumonia-kfp-pushgateway-scrape-config")}
 OBJECTS = {
     "kubeflow-minio": BASE,  # Kubeflow's own Secret mlpipeline-minio-artifact: the example is left out
     "standalone-minio": BASE | {("Secret", "pneumonia-kfp-minio"), ("PersistentVolumeClaim", "pneumonia-kfp-minio"),
@@ -67,3 +67,13 @@ def test_overlay_settings_match_what_it_deploys(overlay):
     else:  # Kubeflow's own MinIO and Secret, which live outside these manifests
         assert (settings.minio.secret, settings.minio.endpoint) == ("mlpipeline-minio-artifact",
                                                                      "minio-service.kubeflow:9000")
+
+
+@pytest.mark.parametrize("overlay", sorted(OBJECTS))
+def test_scrape_config_keeps_pushed_labels_of_the_pushgateway(overlay):
+    objects = render(overlay)
+    [entry] = yaml.safe_load(find(objects, "ConfigMap", "pneumonia-kfp-pushgateway-scrape-config")["data"]["scrape-config.yaml"])
+    assert entry["honor_labels"] is True  # keeps job/backbone labels the tasks pushed
+    service = find(objects, "Service", "pneumonia-kfp-pushgateway")
+    assert "pneumonia-kfp-pushgateway" in yaml.safe_dump(entry["relabel_configs"])
+    assert "http" in [p["name"] for p in service["spec"]["ports"]]
