@@ -11,47 +11,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines.params import UsageError, check_positive, check_run_params
+
 log = logging.getLogger("pneumonia_kfp")
-
-
-class UsageError(ValueError):
-    pass
-
-
-def parse_backbones(text: str) -> list[str]:
-    from components.backbones import check_backbone
-
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    if not names:
-        raise UsageError("--backbones is empty: name at least one timm model, e.g. resnet18,efficientnet_b3")
-    dupes = sorted({b for b in names if names.count(b) > 1})
-    if dupes:
-        raise UsageError(f"--backbones lists {', '.join(dupes)} more than once")
-    for name in names:
-        check_backbone(name)
-    return names
-
-
-def check_positive(**values: int | float) -> None:
-    for name, value in values.items():
-        if value is None or value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')}={value}: must be greater than 0")
 
 
 def run_local(args) -> int:
     from kfp import local
 
-    from components.backbones import check_image_size
     from components.data import scan_image_folder
     from components.synthetic import make_synthetic
     from pipelines.pipeline import build_pipeline
 
     out = Path(args.output).resolve()
-    backbones = parse_backbones(args.backbones)
-    check_positive(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-                   learning_rate=args.learning_rate, max_parallel=args.max_parallel)
-    for name in backbones:
-        check_image_size(name, args.image_size)
+    params = {"backbones": args.backbones.split(","), "epochs": args.epochs, "batch_size": args.batch_size,
+              "image_size": args.image_size, "learning_rate": args.learning_rate, "on_invalid": args.on_invalid}
+    check_run_params(params)
+    check_positive(max_parallel=args.max_parallel)
     out.mkdir(parents=True, exist_ok=True)
     synthetic = not args.data
     if synthetic:
@@ -69,10 +45,8 @@ def run_local(args) -> int:
     start = time.perf_counter()
     try:
         task = pipeline(
-            data=str(data), storage=storage, backbones=backbones, epochs=args.epochs, image_size=args.image_size,
-            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            pretrained=args.pretrained, pretrained_weights=args.pretrained_weights, on_invalid=args.on_invalid,
-            compile_model=args.compile_model,
+            data=str(data), storage=storage, seed=args.seed, pretrained=args.pretrained,
+            pretrained_weights=args.pretrained_weights, compile_model=args.compile_model, **params,
         )
     except RuntimeError as e:
         raise UsageError(f"the local pipeline run failed ({e}); the failing task's log is printed above") from None
@@ -125,7 +99,10 @@ def submit_cmd(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         package = str(Path(tmp) / "pipeline.yaml")
         compile_pipeline(args, package)
-        params = parse_params(args.param, pipeline_inputs(package))
+        inputs = pipeline_inputs(package)
+        params = parse_params(args.param, inputs)
+        # the values the run will see, defaults included, pass the same checks as run-local
+        check_run_params({**{n: d["defaultValue"] for n, d in inputs.items() if "defaultValue" in d}, **params})
         run_id, state = submit(package, args.host, params, namespace=args.namespace, experiment=args.experiment,
                                run_name=args.run_name or f"{PIPELINE_NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                token=args.token, wait=args.wait, timeout=args.timeout, poll_seconds=args.poll_seconds)

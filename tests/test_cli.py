@@ -8,8 +8,8 @@ from pipelines.cli import main
     (["--backbones", "resnet18,resnet18"], "more than once"),
     (["--backbones", " , "], "is empty"),
     (["--backbones", "resnet181"], "unknown backbone 'resnet181'"),
-    (["--epochs", "0"], "--epochs=0"),
-    (["--batch-size", "-1"], "--batch-size=-1"),
+    (["--epochs", "0"], "epochs=0: must be greater than 0"),
+    (["--batch-size", "-1"], "batch_size=-1"),
     (["--backbones", "resnet18", "--image-size", "16"], "too small for resnet18"),
     (["--backbones", "vit_base_patch16_224", "--image-size", "64"], "takes only 224 px"),
 ])

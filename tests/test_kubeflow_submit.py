@@ -172,6 +172,10 @@ def test_failed_run_exits_1(kfp_api, capsys):
     (["--param", "pretrained=maybe"], "pretrained takes true or false"),
     (["--param", "backbones=[1"], "backbones takes a list"),
     (["--param", "epochs"], "expected KEY=VALUE"),
+    (["--param", "epochs=0"], "epochs=0: must be greater than 0"),
+    (["--param", "backbones=resnet18,resnet18"], "backbones lists resnet18 more than once"),
+    (["--param", "backbones=resnet19"], "unknown backbone 'resnet19'"),
+    (["--param", "image_size=16"], "too small for"),
 ])
 def test_bad_parameter_is_rejected_before_any_request(kfp_api, capsys, args, message):
     assert submit(kfp_api, *S3, *args) == 2
