@@ -110,7 +110,7 @@ def ingest(data: str, storage: str, image_size: int = 224, seed: int = 0, on_inv
         # output (a carved test split depends on seed and fraction), so no work is needed to find it
         identity = {
             "format": FORMAT_VERSION, "classes": classes, "image_size": image_size, "seed": seed,
-            "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE,
+            "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE, "synthetic": _synthetic(root),
             "files": [[f.relpath, h] for f, h in zip(files, shas)],
         }
         sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -172,17 +172,23 @@ def _write_version(store, root, classes, files, shas, image_size, seed, on_inval
     manifest = {
         "format": FORMAT_VERSION, "source": data, "classes": classes, "image_size": image_size,
         "test_carved_from_train": carved, "counts": counts, "files": entries, "rejected": len(rejected),
-        "patients_in_train_and_test": shared,
+        "patients_in_train_and_test": shared, "synthetic": _synthetic(root),
     }
     store.put_bytes("manifest.json", json.dumps(manifest, indent=1).encode())  # last: marks completeness
     return manifest
+
+
+def _synthetic(root: Path) -> bool:
+    from components.synthetic import MARKER
+
+    return (root / MARKER).is_file()
 
 
 def summary(uri: str, sha: str, manifest: dict, uploaded: int) -> dict:
     return {
         "uri": uri, "sha": sha, "classes": manifest["classes"], "image_size": manifest["image_size"],
         "counts": manifest["counts"], "test_carved_from_train": manifest["test_carved_from_train"],
-        "uploaded": uploaded,
+        "uploaded": uploaded, "synthetic": manifest["synthetic"],
     }
 
 

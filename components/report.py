@@ -85,7 +85,10 @@ def _dataset_line(d: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Pneumonia classifier comparison", "", _dataset_line(results["dataset"]), ""]
+    lines = ["# Pneumonia classifier comparison", ""]
+    if results["dataset"].get("synthetic"):
+        lines += ["> **SYNTHETIC DATA: these numbers mean nothing about real X-rays.**", ""]
+    lines += [_dataset_line(results["dataset"]), ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     lines.append("| " + " | ".join(seed_row()) + " |")

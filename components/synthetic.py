@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("NORMAL", "PNEUMONIA")
+# a file at the dataset root (outside the split folders): ingest records it and the report warns
+MARKER = "SYNTHETIC_DATA.txt"
 
 
 def _xray(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
@@ -33,6 +35,8 @@ def make_synthetic(root: str | Path, counts: dict[str, int] | None = None, size:
 
     counts = counts or {"train": 48, "test": 16}
     root, rng = Path(root), np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("Synthetic images made by pneumonia-kfp: results on them mean nothing.\n")
     patient = 0
     for split, n in counts.items():
         for label in CLASSES:

@@ -53,7 +53,6 @@ def run_local(args) -> int:
     wall = time.perf_counter() - start
 
     results = json.loads(Path(task.outputs["results"].path).read_text())
-    results["dataset"]["synthetic"] = synthetic
     results["wall_seconds"] = wall
     (out / "results.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(task.outputs["report_md"].path, out / "report.md")

@@ -13,6 +13,7 @@ def test_ingest_writes_manifest_raw_files_and_tensors(image_folder, tmp_path):
     info = ingest(str(image_folder), (tmp_path / "store").as_uri(), image_size=32)
     assert info["counts"] == {"train": {"NORMAL": 40, "PNEUMONIA": 40}, "test": {"NORMAL": 12, "PNEUMONIA": 12}}
     assert info["uri"].endswith(f"datasets/{info['sha']}") and not info["test_carved_from_train"]
+    assert info["synthetic"]  # make_synthetic's marker file is recorded, so reports can warn
     ds = StoredDataset(info["uri"])
     x, y, entries = ds.split("train")
     assert x.shape == (80, 1, 32, 32) and x.dtype == np.uint8
@@ -46,7 +47,7 @@ def test_missing_test_split_is_carved_from_train_by_patient(image_folder, tmp_pa
     no_test = tmp_path / "no-test"
     shutil.copytree(image_folder / "train", no_test / "train")
     info = ingest(str(no_test), (tmp_path / "store").as_uri(), image_size=16)
-    assert info["test_carved_from_train"]
+    assert info["test_carved_from_train"] and not info["synthetic"]  # no marker copied
     assert "carved" in caplog.text and "test" in caplog.text
     ds = StoredDataset(info["uri"])
     train_patients = {e["patient"] for e in ds.entries("train")}
@@ -63,7 +64,7 @@ def test_ingest_to_s3_and_from_s3(image_folder, s3_env, tmp_path):
     assert x.shape == (24, 1, 16, 16) and sorted(set(y.tolist())) == [0, 1]
     # an ImageFolder already in object storage is a data source too
     source = open_store("s3://raw-bucket/xray")
-    for p in image_folder.rglob("*.jpeg"):
+    for p in (p for p in image_folder.rglob("*") if p.is_file()):
         source.put_file(p.relative_to(image_folder).as_posix(), p)
     again = ingest("s3://raw-bucket/xray", "s3://datasets-bucket/pneumonia", image_size=16)
     assert again["sha"] == info["sha"] and again["uploaded"] == 0
