@@ -35,18 +35,23 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> t
     angle = _uniform(n, *ROTATION_DEGREES, x, generator) * (math.pi / 180)
     scale = _uniform(n, *CROP_SCALE, x, generator)
     # the crop window's centre moves at most as far as keeps it inside the image
-    tx = (_uniform(n, -1, 1, x, generator) * (1 - scale))[:, None, None]
-    ty = (_uniform(n, -1, 1, x, generator) * (1 - scale))[:, None, None]
-    cos, sin = (torch.cos(angle) * scale)[:, None, None], (torch.sin(angle) * scale)[:, None, None]
-    # the affine sampling grid by broadcasting (what F.affine_grid computes, without its batched matmul)
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device)[None, :, None]
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device)[None, None, :]
-    grid = torch.stack([cos * xs - sin * ys + tx, sin * xs + cos * ys + ty], dim=-1)
+    tx = _uniform(n, -1, 1, x, generator) * (1 - scale)
+    ty = _uniform(n, -1, 1, x, generator) * (1 - scale)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # B×2×3
+    # The sampling grid, as F.affine_grid would make it: each coordinate is (a row term) + (a
+    # column term), added straight into the grid -- one pass over it instead of a batched matmul.
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device)
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device)
+    grid = torch.empty(n, h, w, 2, device=x.device)
+    for k in range(2):
+        torch.add((theta[:, k, 0:1] * xs + theta[:, k, 2:3])[:, None, :], (theta[:, k, 1:2] * ys)[:, :, None],
+                  out=grid[..., k])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 or [0, 1] float -> normalised float."""
+    """uint8 or [0, 1] float -> normalised float (one new tensor, then in place)."""
     if x.dtype == torch.uint8:
-        x = x.float().div_(255)
-    return (x - mean) / std
+        return x.float().mul_(1 / (255 * std)).sub_(mean / std)
+    return x.mul(1 / std).sub_(mean / std)

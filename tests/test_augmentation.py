@@ -47,3 +47,27 @@ def test_equalize_is_applied_to_about_half():
 def test_normalize():
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     assert torch.allclose(normalize(x, 0.5, 0.25), torch.tensor([[[[-2.0, 2.0]]]]))
+
+
+def test_sampling_grid_is_the_affine_grid(monkeypatch):
+    """augment's warp equals F.affine_grid + grid_sample for the same per-sample rotation and crop."""
+    import math
+
+    import torch.nn.functional as F
+
+    import components.augmentation as aug
+
+    monkeypatch.setattr(aug, "EQUALIZE_P", 0.0)  # the warp alone
+    x = (torch.linspace(0, 1, 7 * 9).reshape(1, 1, 7, 9).repeat(3, 1, 1, 1) * 255).to(torch.uint8)
+    out = augment(x, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # replay augment's draws: equalize, angle, scale, tx, ty
+    torch.rand(3, generator=g)
+    angle = (torch.rand(3, generator=g) * 45 - 25) * math.pi / 180
+    scale = torch.rand(3, generator=g) * 0.2 + 0.8
+    tx = (torch.rand(3, generator=g) * 2 - 1) * (1 - scale)
+    ty = (torch.rand(3, generator=g) * 2 - 1) * (1 - scale)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    expected = F.grid_sample(x.float() / 255, F.affine_grid(theta, [3, 1, 7, 9], align_corners=False),
+                             align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
