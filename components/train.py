@@ -34,6 +34,14 @@ def train_val_split(ds: StoredDataset, seed: int):
     return (tx[~held], ty[~held]), (tx[held], ty[held]), how
 
 
+def to_device(array, device):
+    """numpy -> tensor on ``device``; on CUDA through pinned memory, without blocking the host."""
+    import torch
+
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def training_batch(images, idx, generator, mean: float, std: float):
     """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
     import torch
@@ -89,8 +97,7 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     mean, std = grayscale_normalization(model)
     # the whole uint8 training set lives on the device; batches are indexed there
-    images = torch.from_numpy(tx).to(device)
-    labels = torch.from_numpy(ty).to(device)
+    images, labels = to_device(tx, device), to_device(ty, device)
     counts = torch.bincount(labels, minlength=2).float()
     class_weight = counts.sum() / (2 * counts.clamp(min=1))  # balanced: rare class weighs more
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight)
