@@ -33,7 +33,7 @@ def main():
     from components.backbones import create_backbone, grayscale_normalization
     from components.data import StoredDataset
     from components.ingest import ingest
-    from components.train import training_batch
+    from components.train import to_device, training_batch
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="ImageFolder (e.g. ../shared/data/chest_xray_224)")
@@ -47,7 +47,7 @@ def main():
     torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory() as tmp:
         x_all, y_all, _ = StoredDataset(ingest(a.data, tmp, image_size=a.image_size)["uri"]).split("train")
-    images, labels = torch.from_numpy(x_all).to(device), torch.from_numpy(y_all).to(device)
+    images, labels = to_device(x_all, device), to_device(y_all, device)
     generator = torch.Generator(device=device).manual_seed(0)
     for name in a.backbones.split(","):
         model = create_backbone(name).to(device)

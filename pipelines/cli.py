@@ -40,6 +40,9 @@ def run_local(args) -> int:
         scan_image_folder(data)  # fail fast, with a clear message, before any task starts
     storage = args.storage or (out / "store").as_uri()
 
+    # tasks run side by side on this machine: split the cores so their thread pools don't fight
+    parallel = min(args.max_parallel, len(params["backbones"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp-root"))
     pipeline = build_pipeline(args.max_parallel)
     start = time.perf_counter()
