@@ -60,12 +60,14 @@ def run_local(args) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(task.outputs["report_md"].path, out / "report.md")
     shutil.copyfile(task.outputs["report_html"].path, out / "report.html")
-    print(f"\nPipeline finished in {wall:.0f} s.")
+    lines = [f"\nPipeline finished in {wall:.0f} s."]
     for m in results["models"]:
         t = m["test"]
-        print(f"  {m['backbone']:<20} test accuracy {t['accuracy']:.4f}  F1 {t['f1']:.4f}  "
-              f"specificity {t['specificity']:.4f}  AUC {t['auc']:.4f}")
-    print(f"Results: {out / 'results.json'}\nReport:  {out / 'report.md'}\n         {out / 'report.html'}")
+        lines.append(f"  {m['backbone']:<20} test accuracy {t['accuracy']:.4f}  F1 {t['f1']:.4f}  "
+                     f"specificity {t['specificity']:.4f}  AUC {t['auc']:.4f}")
+    lines.append(f"Results: {out / 'results.json'}\nReport:  {out / 'report.md'}\n         {out / 'report.html'}")
+    # sys.stdout, not print: kfp's local runner leaves builtins.print patched to indent task logs
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
