@@ -1,8 +1,8 @@
 """Images/s of the project's training data path vs a seed-style ImageFolder + PIL + DataLoader.
 
 Project: ingest once (not timed), then uint8 tensors -> batched augment + normalize (what train runs).
-Seed: torchvision ImageFolder decoding every JPEG with PIL each epoch, the seed's transforms,
-DataLoader with one worker per core. Same machine, same run, same number of images.
+Seed: torchvision ImageFolder decoding every JPEG (to RGB) with PIL each epoch, the seed's
+transforms, DataLoader with one worker per core. Same machine, same run, same number of images.
 Last line: {"project_img_s", "seed_img_s", "ratio", ...}.
 """
 import argparse
@@ -34,14 +34,15 @@ def project_img_s(data: str, size: int, batch: int, n: int) -> float:
 def seed_img_s(data: str, size: int, batch: int, n: int, workers: int) -> float:
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([  # the seed's training transforms
-        transforms.Grayscale(1),
+    # the seed's training transforms, on the RGB images ImageFolder's default loader gives
+    # (the seed fed 3-channel ImageNet models)
+    tf = transforms.Compose([
         transforms.Resize((size, size)),
         transforms.RandomEqualize(),
         transforms.RandomRotation((-25, 20)),
         transforms.RandomResizedCrop(size, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
         transforms.ToTensor(),
-        transforms.Normalize([0.45], [0.23]),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     ])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(data, "train"), tf), batch_size=batch,
                                          shuffle=True, num_workers=workers, persistent_workers=False)
