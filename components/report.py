@@ -80,7 +80,13 @@ def _ci_note(results: dict) -> str:
 
 def _dataset_line(d: dict) -> str:
     counts = ", ".join(f"{s}: " + " / ".join(f"{n} {c}" for c, n in cs.items()) for s, cs in d.get("counts", {}).items())
+    from components.train import MIN_VAL_IMAGES
+
     carved = " Test split carved from train (grouped by patient)." if d.get("test_carved_from_train") else ""
+    n_val = sum(d.get("counts", {}).get("val", {}).values())
+    if n_val < MIN_VAL_IMAGES:
+        carved += (f" Its val split has {n_val} images (< {MIN_VAL_IMAGES}): each model validated on a "
+                   "patient-grouped carve-out of train + val instead (n in each model's val block).")
     return f"Dataset `{d.get('uri', '?')}` ({counts}).{carved}"
 
 

@@ -110,6 +110,7 @@ def test_report_compares_every_model(dataset, trained):
         assert name in md and name in page
     assert f"Best model: {best}" in md and "selected on test in the original" in md
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in page  # the dataset came from make_synthetic
+    assert "Its val split has 0 images (< 100): each model validated on a patient-grouped carve-out" in md
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 3  # ROC + one per model
     assert not re.search(r'(src|href)="https?://', page)  # self-contained
     json.dumps(results)  # serialisable as results.json
