@@ -34,6 +34,8 @@ class StorageError(RuntimeError):
 
 
 _NOT_FOUND = ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchObject")
+# the environment variables the s3 backend reads (a cluster compile sets them from the Secret)
+ENDPOINT_ENV, ACCESS_KEY_ENV, SECRET_KEY_ENV = "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"
 
 
 class Store:
@@ -202,7 +204,7 @@ def minio_client_from_env():
     import urllib3
     from minio import Minio
 
-    raw = os.environ.get("MINIO_ENDPOINT", "localhost:9000")
+    raw = os.environ.get(ENDPOINT_ENV, "localhost:9000")
     parsed = urlparse(raw if "://" in raw else f"//{raw}")
     secure = parsed.scheme == "https" if parsed.scheme else os.environ.get("MINIO_SECURE", "false").lower() == "true"
     endpoint = parsed.netloc
@@ -222,8 +224,8 @@ def minio_client_from_env():
     )
     client = Minio(
         endpoint,
-        access_key=os.environ.get("MINIO_ACCESS_KEY"),
-        secret_key=os.environ.get("MINIO_SECRET_KEY"),
+        access_key=os.environ.get(ACCESS_KEY_ENV),
+        secret_key=os.environ.get(SECRET_KEY_ENV),
         secure=secure,
         region=os.environ.get("MINIO_REGION") or None,
         http_client=http,

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from pipelines.params import UsageError, check_positive, check_run_params
 
-log = logging.getLogger("pneumonia_kfp")
-
 
 def run_local(args) -> int:
     from kfp import local

@@ -4,6 +4,7 @@ from typing import List, NamedTuple, Optional
 
 from kfp import dsl
 
+from components.backbones import SEED_BACKBONES
 from components.evaluate import evaluate_op
 from components.ingest import ingest_op
 from components.report import report_op
@@ -11,7 +12,7 @@ from components.train import train_op
 from pipelines.platform import configure
 from pipelines.settings import Settings
 
-DEFAULT_BACKBONES = ["resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3"]
+DEFAULT_BACKBONES = list(SEED_BACKBONES)
 DEFAULT_MAX_PARALLEL = 2
 PIPELINE_NAME = "pneumonia-kfp"
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
+from components.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
 from pipelines.settings import Resources, Settings, Train
-
-# environment names components/storage.py reads
-ACCESS_KEY_ENV, SECRET_KEY_ENV, ENDPOINT_ENV = "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "MINIO_ENDPOINT"
 
 
 def configure(settings: Settings, *, ingest, train, evaluate, report) -> None:

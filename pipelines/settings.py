@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from components.kfp_defaults import BASE_IMAGE
+from components.storage import ENDPOINT_ENV
 
 ENV_PREFIX = "PNEUMONIA_KFP_"
 SETTINGS_FILE_ENV = "PNEUMONIA_KFP_SETTINGS"
@@ -128,8 +129,8 @@ class Settings:
             if CREDENTIAL_ENV.search(name):
                 raise SettingsError(f"env.{name}: credentials come from the Secret minio.secret, never from plain "
                                     "env (its value would be written into the compiled pipeline)")
-            if name == "MINIO_ENDPOINT":
-                raise SettingsError("env.MINIO_ENDPOINT: set minio.endpoint instead")
+            if name == ENDPOINT_ENV:
+                raise SettingsError(f"env.{ENDPOINT_ENV}: set minio.endpoint instead")
         return self
 
 

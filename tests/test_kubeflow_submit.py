@@ -196,7 +196,7 @@ def test_missing_or_local_parameters(kfp_api, capsys, params, message):
 
 def test_unreachable_host(capsys):
     assert main(["submit", "--host", f"http://127.0.0.1:{free_port()}", *S3]) == 2
-    assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:" in one_error_line(capsys)
+    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:" in one_error_line(capsys)
 
 
 def test_host_without_scheme(capsys):
