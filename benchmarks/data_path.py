@@ -15,9 +15,9 @@ import torch
 
 
 def project_img_s(data: str, size: int, batch: int, n: int) -> float:
-    from components.data import StoredDataset
-    from components.ingest import ingest
-    from components.train import training_batch
+    from pneumonia_kfp.data import StoredDataset
+    from pneumonia_kfp.ingest import ingest
+    from pneumonia_kfp.training import training_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         images = torch.from_numpy(StoredDataset(ingest(data, tmp, image_size=size)["uri"]).split("train")[0])

@@ -7,7 +7,7 @@ import json
 import tempfile
 import time
 
-from components.ingest import ingest
+from pneumonia_kfp.ingest import ingest
 
 
 def main():

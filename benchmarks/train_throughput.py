@@ -13,7 +13,7 @@ import torch
 
 
 def timed_steps(model, make_batch, labels, steps, loss_fn, optimizer, scaler, device) -> float:
-    from components.train import training_step
+    from pneumonia_kfp.training import training_step
 
     for _ in range(3):  # warm-up (cudnn autotuning, allocator)
         x, y = make_batch()
@@ -30,10 +30,10 @@ def timed_steps(model, make_batch, labels, steps, loss_fn, optimizer, scaler, de
 
 
 def main():
-    from components.backbones import create_backbone, grayscale_normalization
-    from components.data import StoredDataset
-    from components.ingest import ingest
-    from components.train import to_device, training_batch
+    from pneumonia_kfp.backbones import create_backbone, grayscale_normalization
+    from pneumonia_kfp.data import StoredDataset
+    from pneumonia_kfp.ingest import ingest
+    from pneumonia_kfp.training import to_device, training_batch
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="ImageFolder (e.g. ../shared/data/chest_xray_224)")

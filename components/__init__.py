@@ -1,1 +1,1 @@
-"""Pipeline steps (ingest, train, evaluate, report): plain-Python cores plus thin KFP wrappers."""
+"""The KFP component definitions (ingest, train, evaluate, report): typed wrappers over ``pneumonia_kfp``."""

@@ -1,192 +1,34 @@
-"""train: one backbone on a stored dataset; best epoch and threshold chosen on validation."""
-
-import copy
-import logging
-import time
-
-import numpy as np
+"""train step: one timm backbone; best epoch and threshold chosen on validation."""
 from kfp import dsl
 
-from components import resume
-from components.data import DataError, StoredDataset, grouped_holdout, groups_of
-from components.kfp_defaults import component
-
-log = logging.getLogger(__name__)
-MIN_VAL_IMAGES = 100
-VAL_FRACTION = 0.1
+from pneumonia_kfp.components.kfp_defaults import component
 
 
-def train_val_split(ds: StoredDataset, seed: int):
-    """(train images, labels), (val images, labels), and how val was made.
-
-    The dataset's own val split when it has at least MIN_VAL_IMAGES; otherwise train and that
-    small val are pooled and a patient-grouped, class-stratified val is carved from the pool.
-    """
-    tx, ty, te = ds.split("train")
-    vx, vy, ve = ds.split("val")
-    if len(vy) >= MIN_VAL_IMAGES:
-        return (tx, ty), (vx, vy), "dataset val split"
-    if len(vy):
-        tx, ty, te = np.concatenate([tx, vx]), np.concatenate([ty, vy]), te + ve
-    held = grouped_holdout(ty, groups_of(te), VAL_FRACTION, seed)
-    how = f"carved from train: {held.sum()} images, grouped by patient (dataset val had {len(vy)} < {MIN_VAL_IMAGES})"
-    log.warning("validation set %s", how)
-    return (tx[~held], ty[~held]), (tx[held], ty[held]), how
-
-
-def to_device(array, device):
-    """numpy -> tensor on ``device``; on CUDA through pinned memory, without blocking the host."""
-    import torch
-
-    t = torch.from_numpy(array)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def training_batch(images, idx, generator, mean: float, std: float):
-    """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
-    import torch
-
-    from components.augmentation import augment, normalize
-
-    x = normalize(augment(images[idx], generator), mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-
-def training_step(model, x, y, loss_fn, optimizer, scaler):
-    """One optimisation step under autocast; returns the detached loss (no device sync)."""
-    from components.backbones import device_autocast
-
-    with device_autocast(x.device):
-        loss = loss_fn(model(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
-
-
-def train(
-    dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = 5, batch_size: int = 32,
-    learning_rate: float = 1e-3, seed: int = 0, pretrained: bool = False, weights: str = "",
-    compile_model: bool = False,
-) -> dict:
-    """Train, keep the epoch with the best validation AUC, pick the threshold on validation.
-
-    Writes the checkpoint to ``checkpoint_path`` and returns its metadata (history, timings,
-    validation metrics at the chosen threshold).
-    """
-    import torch
-
-    from components.backbones import create_backbone, grayscale_normalization, predict, save_checkpoint
-    from components.metrics import choose_threshold, classification_report
-    from components.telemetry import TrainTelemetry, progress
-
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs={epochs}, batch_size={batch_size}: both must be at least 1")
-    torch.manual_seed(seed)
-    ds = StoredDataset(dataset_uri)
-    if len(ds.classes) != 2:
-        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
-    (tx, ty), (vx, vy), val_source = train_val_split(ds, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    model = create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = grayscale_normalization(model)
-    # the whole uint8 training set lives on the device; batches are indexed there
-    images, labels = to_device(tx, device), to_device(ty, device)
-    counts = torch.bincount(labels, minlength=2).float()
-    class_weight = counts.sum() / (2 * counts.clamp(min=1))  # balanced: rare class weighs more
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight)
-
-    steps = max(1, len(images) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps)
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    step_model = torch.compile(model) if compile_model else model
-
-    history, best, train_seconds, first_epoch = [], None, 0.0, 1
-    states = resume.state_store(dataset_uri, {
-        "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "pretrained": pretrained, "weights": weights,
-    })
-    saved = resume.load(states, device)
-    if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        generator.set_state(saved["generator"].cpu())  # RNG states live on the CPU whatever the device
-        torch.set_rng_state(saved["cpu_rng"].cpu())
-        history, best, train_seconds = saved["history"], saved["best"], saved["train_seconds"]
-        first_epoch = saved["epoch"] + 1
-        log.warning("%s: resuming after epoch %d from %s", backbone, saved["epoch"], states.uri_of("last.pt"))
-    # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
-    telemetry = TrainTelemetry(backbone, epochs, history=history, samples_per_epoch=steps * batch_size)
-    for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        start, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        order = torch.randperm(len(images), device=device, generator=generator)
-        for step in progress(range(steps), desc=f"{backbone} epoch {epoch}/{epochs}", unit="batch"):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = training_batch(images, idx, generator, mean, std)
-            total_loss += training_step(step_model, x, labels[idx], loss_fn, optimizer, scaler)
-            scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-
-        prob = predict(model, vx, mean, std)
-        val_loss = float(torch.nn.functional.binary_cross_entropy(
-            torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(vy).double()))
-        val_auc = classification_report(vy, prob, 0.5, ds.classes)["auc"]
-        row = {"epoch": epoch, "train_loss": total_loss.item() / steps, "val_loss": val_loss, "val_auc": val_auc,
-               "seconds": seconds, "images_per_second": steps * batch_size / seconds}
-        history.append(row)
-        telemetry.epoch_done(row, samples=steps * batch_size)
-        if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
-            best = {**row, "state": copy.deepcopy(model.state_dict()), "prob": torch.from_numpy(prob)}
-        resume.save(states, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
-            "cpu_rng": torch.get_rng_state(), "history": history, "best": best, "train_seconds": train_seconds,
-        })
-        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,
-                 epochs, row["train_loss"], val_loss, val_auc, row["images_per_second"])
-
-    model.load_state_dict(best["state"])
-    best_prob = best["prob"].cpu().numpy()
-    threshold = choose_threshold(vy, best_prob)
-    meta = {
-        "backbone": backbone, "classes": ds.classes, "image_size": int(tx.shape[-1]),
-        "mean": mean, "std": std, "epochs": epochs, "best_epoch": best["epoch"], "threshold": threshold,
-        "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source,
-        "seconds": train_seconds, "images_per_second": epochs * steps * batch_size / train_seconds,
-        "history": history, "val": classification_report(vy, best_prob, threshold, ds.classes, ci_seed=seed),
-        "device": str(device),
-    }
-    save_checkpoint(checkpoint_path, model, **meta)
-    telemetry.done()
-    return meta
-
-
-@component()
+@component
 def train_op(
     dataset: dsl.Input[dsl.Dataset], backbone: str, epochs: int, batch_size: int, learning_rate: float,
     seed: int, pretrained: bool, pretrained_weights: str, compile_model: bool, model: dsl.Output[dsl.Model],
     torchscript: dsl.Output[dsl.Model],
 ):
-    """Train one timm backbone on the ingested dataset (GPU with AMP when present); the selected
-    epoch's model also as TorchScript (uint8 images in, P(positive) out)."""
+    """Train one timm backbone on the ingested dataset (GPU with AMP when present).
+
+    Args:
+        dataset: the ingested dataset version (its metadata carries the store URI).
+        backbone: timm model name, e.g. resnet18.
+        epochs: training epochs; the epoch with the best validation AUC is kept.
+        batch_size: images per optimisation step.
+        learning_rate: peak learning rate of the one-cycle schedule.
+        seed: seed of weights, batch order, augmentation and the validation carve.
+        pretrained: start from ImageNet weights (timm hub, or pretrained_weights).
+        pretrained_weights: weights file or store URI for air-gapped clusters; empty: the hub.
+        compile_model: torch.compile the model for training.
+        model: the selected epoch's checkpoint, with threshold and validation metrics.
+        torchscript: the same model as TorchScript (uint8 images in, P(positive) out).
+    """
     import logging
 
-    from components.train import train
+    from pneumonia_kfp.export import export_torchscript
+    from pneumonia_kfp.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     meta = train(dataset.metadata["uri"], backbone, model.path, epochs=epochs, batch_size=batch_size,
@@ -194,6 +36,4 @@ def train_op(
                  compile_model=compile_model)
     model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "image_size", "epochs",
                                                 "pretrained", "seconds", "images_per_second")})
-    from components.export import export_torchscript
-
     torchscript.metadata.update(export_torchscript(model.path, torchscript.path))

@@ -1,63 +1,49 @@
-"""The pipeline: ingest -> ParallelFor(backbones) { train -> evaluate } -> report(Collected)."""
+"""The pipeline: ingest -> ParallelFor(backbones) { train -> evaluate } -> report(Collected).
 
-from typing import List, NamedTuple, Optional
+Its parameters, their defaults and their descriptions come from pneumonia_kfp.params.PARAMS.
+"""
+from typing import NamedTuple, Optional
 
 from kfp import dsl
 
-from components.backbones import SEED_BACKBONES
-from components.evaluate import evaluate_op
-from components.ingest import ingest_op
-from components.report import report_op
-from components.train import train_op
-from pipelines.platform import configure
-from pipelines.settings import Settings
+from pneumonia_kfp.components.evaluate import evaluate_op
+from pneumonia_kfp.components.ingest import ingest_op
+from pneumonia_kfp.components.report import report_op
+from pneumonia_kfp.components.train import train_op
+from pneumonia_kfp.params import PIPELINE_PARAMS, check_run_params, default, pipeline_docstring, pipeline_signature
+from pneumonia_kfp.pipelines.platform import configure
+from pneumonia_kfp.pipelines.settings import Settings
 
-DEFAULT_BACKBONES = list(SEED_BACKBONES)
-DEFAULT_MAX_PARALLEL = 2
 PIPELINE_NAME = "pneumonia-kfp"
 
 Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML)])
 
 
-def build_pipeline(max_parallel: int = DEFAULT_MAX_PARALLEL, settings: Optional[Settings] = None):
+def build_pipeline(max_parallel: int = default("max_parallel"), settings: Optional[Settings] = None):
     """The pipeline function; ``max_parallel`` is fixed at compile time (KFP's ParallelFor needs a constant).
 
     ``settings`` (a cluster compile) adds the image, GPU scheduling, resources, retries and the MinIO
     Secret to the tasks; local runs leave them out (the local runner ignores them, or retries locally).
     """
-    if max_parallel < 1:
-        raise ValueError(f"max_parallel={max_parallel}: must be at least 1")
+    check_run_params({"max_parallel": max_parallel})
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Chest X-ray pneumonia classifiers: train and compare backbones.")
-    def pneumonia_pipeline(
-        data: str,
-        storage: str,
-        backbones: List[str] = DEFAULT_BACKBONES,
-        epochs: int = 5,
-        image_size: int = 224,
-        batch_size: int = 32,
-        learning_rate: float = 1e-3,
-        seed: int = 0,
-        pretrained: bool = False,
-        pretrained_weights: str = "",
-        on_invalid: str = "fail",
-        compile_model: bool = False,
-    ) -> Outputs:
-        ingest = ingest_op(data=data, storage=storage, image_size=image_size, seed=seed, on_invalid=on_invalid)
-        ingest.set_display_name("ingest")
-        with dsl.ParallelFor(backbones, parallelism=max_parallel) as backbone:
+    def pneumonia_pipeline(*values) -> Outputs:
+        p = dict(zip((q.name for q in PIPELINE_PARAMS), values))  # kfp passes one channel per parameter
+        ingest = ingest_op(data=p["data"], storage=p["storage"], image_size=p["image_size"], seed=p["seed"],
+                           on_invalid=p["on_invalid"])
+        with dsl.ParallelFor(p["backbones"], parallelism=max_parallel) as backbone:
             train = train_op(
-                dataset=ingest.outputs["dataset"], backbone=backbone, epochs=epochs, batch_size=batch_size,
-                learning_rate=learning_rate, seed=seed, pretrained=pretrained, pretrained_weights=pretrained_weights,
-                compile_model=compile_model,
-            ).set_display_name("train")
+                dataset=ingest.outputs["dataset"], backbone=backbone, epochs=p["epochs"], batch_size=p["batch_size"],
+                learning_rate=p["learning_rate"], seed=p["seed"], pretrained=p["pretrained"],
+                pretrained_weights=p["pretrained_weights"], compile_model=p["compile_model"],
+            )
             evaluate = evaluate_op(dataset=ingest.outputs["dataset"], model=train.outputs["model"])
-            evaluate.set_display_name("evaluate")
         report = report_op(dataset=ingest.outputs["dataset"], results=dsl.Collected(evaluate.outputs["results"]))
-        report.set_display_name("report")
         if settings is not None:
             configure(settings, ingest=ingest, train=train, evaluate=evaluate, report=report)
         return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
                        report_html=report.outputs["html"])
 
-    return pneumonia_pipeline
+    pneumonia_pipeline.__signature__ = pipeline_signature(Outputs)
+    pneumonia_pipeline.__doc__ = pipeline_docstring("Chest X-ray pneumonia classifiers: train and compare backbones.")
+    return dsl.pipeline(name=PIPELINE_NAME)(pneumonia_pipeline)

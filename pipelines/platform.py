@@ -1,10 +1,10 @@
-"""Apply :class:`~pipelines.settings.Settings` to the pipeline's tasks (cluster compiles only)."""
+"""Apply :class:`~pneumonia_kfp.pipelines.settings.Settings` to the pipeline's tasks (cluster compiles only)."""
 from __future__ import annotations
 
 from kfp import kubernetes
 
-from components.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
-from pipelines.settings import Resources, Settings, Train
+from pneumonia_kfp.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
+from pneumonia_kfp.pipelines.settings import Resources, Settings, Train
 
 
 def configure(settings: Settings, *, ingest, train, evaluate, report) -> None:

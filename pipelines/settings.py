@@ -23,8 +23,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from components.kfp_defaults import BASE_IMAGE
-from components.storage import ENDPOINT_ENV
+from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE
+from pneumonia_kfp.errors import PneumoniaKfpError
+from pneumonia_kfp.storage import ENDPOINT_ENV
 
 ENV_PREFIX = "PNEUMONIA_KFP_"
 SETTINGS_FILE_ENV = "PNEUMONIA_KFP_SETTINGS"
@@ -42,7 +43,7 @@ TOLERATION_VALUES = {"operator": (None, "Equal", "Exists"),
                      "effect": (None, "NoSchedule", "PreferNoSchedule", "NoExecute")}
 
 
-class SettingsError(ValueError):
+class SettingsError(PneumoniaKfpError, ValueError):
     """A setting is unknown or has a bad value; the message names the key."""
 
 

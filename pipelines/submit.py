@@ -15,13 +15,15 @@ from urllib.parse import urlparse
 
 import yaml
 
+from pneumonia_kfp.errors import PneumoniaKfpError
+
 # parameters the pods read from: a path on this machine means nothing on the cluster
 CLUSTER_URI_PARAMS = ("data", "storage")
 # kfp's wait_for_run_completion knows no CANCELED and would wait for a cancelled run until its timeout
 FINISHED = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(PneumoniaKfpError):
     """The run could not be submitted or did not succeed; the message says why, without credentials."""
 
 

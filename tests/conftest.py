@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from components.synthetic import make_synthetic
+from pneumonia_kfp.synthetic import make_synthetic
 
 
 def free_port() -> int:

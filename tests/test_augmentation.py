@@ -1,6 +1,6 @@
 import torch
 
-from components.augmentation import augment, normalize
+from pneumonia_kfp.augmentation import augment, normalize
 
 
 def _batch(n=16, size=32):
@@ -55,7 +55,7 @@ def test_sampling_grid_is_the_affine_grid(monkeypatch):
 
     import torch.nn.functional as F
 
-    import components.augmentation as aug
+    import pneumonia_kfp.augmentation as aug
 
     monkeypatch.setattr(aug, "EQUALIZE_P", 0.0)  # the warp alone
     x = (torch.linspace(0, 1, 7 * 9).reshape(1, 1, 7, 9).repeat(3, 1, 1, 1) * 255).to(torch.uint8)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from components.backbones import (SEED_BACKBONES, BackboneError, check_backbone, create_backbone,
+from pneumonia_kfp.params import SEED_BACKBONES
+from pneumonia_kfp.backbones import (BackboneError, check_backbone, create_backbone,
                                   load_checkpoint, save_checkpoint)
 
 
@@ -22,7 +23,7 @@ def test_unknown_backbone_suggests_timm_names():
 def test_pretrained_weights_from_a_local_file_and_a_store_uri(tmp_path):
     import timm
 
-    from components.storage import open_store
+    from pneumonia_kfp.storage import open_store
 
     # an ImageNet-shaped checkpoint (3 channels, 1000 classes), saved here since nothing can be downloaded
     imagenet = timm.create_model("resnet18", num_classes=1000, in_chans=3)

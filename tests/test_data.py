@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data import DataError, grouped_holdout, patient_id, scan_image_folder
+from pneumonia_kfp.data import DataError, grouped_holdout, patient_id, scan_image_folder
 
 
 def _img(path, size=16):

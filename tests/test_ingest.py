@@ -4,9 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
-from components.data import StoredDataset
-from components.ingest import ingest, load_image
-from components.storage import open_store
+from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.validation import load_image
+from pneumonia_kfp.storage import open_store
 
 
 def test_ingest_writes_manifest_raw_files_and_tensors(image_folder, tmp_path):
@@ -46,7 +47,7 @@ def test_reingest_of_unchanged_data_uploads_nothing(image_folder, tmp_path):
 def test_missing_test_split_is_carved_from_train_by_patient(image_folder, tmp_path, caplog):
     no_test = tmp_path / "no-test"
     shutil.copytree(image_folder / "train", no_test / "train")
-    info = ingest(str(no_test), (tmp_path / "store").as_uri(), image_size=16)
+    info = ingest(str(no_test), (tmp_path / "store").as_uri(), image_size=32)
     assert info["test_carved_from_train"] and not info["synthetic"]  # no marker copied
     assert "carved" in caplog.text and "test" in caplog.text
     ds = StoredDataset(info["uri"])
@@ -58,15 +59,15 @@ def test_missing_test_split_is_carved_from_train_by_patient(image_folder, tmp_pa
 
 
 def test_ingest_to_s3_and_from_s3(image_folder, s3_env, tmp_path):
-    info = ingest(str(image_folder), "s3://datasets-bucket/pneumonia", image_size=16)
+    info = ingest(str(image_folder), "s3://datasets-bucket/pneumonia", image_size=32)
     assert info["uri"].startswith("s3://datasets-bucket/pneumonia/datasets/")
     x, y, _ = StoredDataset(info["uri"]).split("test")
-    assert x.shape == (24, 1, 16, 16) and sorted(set(y.tolist())) == [0, 1]
+    assert x.shape == (24, 1, 32, 32) and sorted(set(y.tolist())) == [0, 1]
     # an ImageFolder already in object storage is a data source too
     source = open_store("s3://raw-bucket/xray")
     for p in (p for p in image_folder.rglob("*") if p.is_file()):
         source.put_file(p.relative_to(image_folder).as_posix(), p)
-    again = ingest("s3://raw-bucket/xray", "s3://datasets-bucket/pneumonia", image_size=16)
+    again = ingest("s3://raw-bucket/xray", "s3://datasets-bucket/pneumonia", image_size=32)
     assert again["sha"] == info["sha"] and again["uploaded"] == 0
 
 

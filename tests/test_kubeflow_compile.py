@@ -5,8 +5,8 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2 as pb
 
-from pipelines.cli import main
-from pipelines.settings import Settings, SettingsError, load
+from pneumonia_kfp.pipelines.cli import main
+from pneumonia_kfp.pipelines.settings import Settings, SettingsError, load
 
 IMAGE = "registry.example.com/pneumonia-kfp:1.2.3"
 STORE_TASKS = ("exec-ingest-op", "exec-train-op", "exec-evaluate-op")

@@ -7,7 +7,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipelines.settings import load
+from pneumonia_kfp.pipelines.settings import load
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 BASE = {("ServiceAccount", "pneumonia-kfp-submitter"), ("RoleBinding", "pneumonia-kfp-submitter"),

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from pipelines.cli import main
+from pneumonia_kfp.pipelines.cli import main
 from tests.conftest import free_port
 
 TOKEN = "t0ken-for-tests"
@@ -172,10 +172,10 @@ def test_failed_run_exits_1(kfp_api, capsys):
     (["--param", "pretrained=maybe"], "pretrained takes true or false"),
     (["--param", "backbones=[1"], "backbones takes a list"),
     (["--param", "epochs"], "expected KEY=VALUE"),
-    (["--param", "epochs=0"], "epochs=0: must be greater than 0"),
+    (["--param", "epochs=0"], "epochs=0: must be at least 1"),
     (["--param", "backbones=resnet18,resnet18"], "backbones lists resnet18 more than once"),
     (["--param", "backbones=resnet19"], "unknown backbone 'resnet19'"),
-    (["--param", "image_size=16"], "too small for"),
+    (["--param", "image_size=16"], "image_size=16: must be at least 32"),
 ])
 def test_bad_parameter_is_rejected_before_any_request(kfp_api, capsys, args, message):
     assert submit(kfp_api, *S3, *args) == 2

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from components.metrics import bootstrap_ci, choose_threshold, classification_report, roc_points
+from pneumonia_kfp.metrics import bootstrap_ci, choose_threshold, classification_report, roc_points
 
 
 def _scores(n=400, seed=0):

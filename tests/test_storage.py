@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from components.storage import FileStore, S3Store, StorageError, open_store
+from pneumonia_kfp.storage import FileStore, S3Store, StorageError, open_store
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from components.data import StoredDataset
-from components.ingest import ingest
-from components.storage import StorageError, open_store
+from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.storage import StorageError, open_store
 from tests.s3_proxy import FaultyProxy
 
 
@@ -37,7 +37,7 @@ def _files(root):
 
 def test_transient_503s_are_retried(image_folder, via_proxy):
     proxy = via_proxy(fail_every=4)
-    info = ingest(str(image_folder), "s3://flaky/p", image_size=16)
+    info = ingest(str(image_folder), "s3://flaky/p", image_size=32)
     assert proxy.failed >= 10  # faults really happened...
     ds = StoredDataset(info["uri"])  # ...and every object arrived whole
     assert sorted(k.removeprefix("raw/") for k in ds.store.list("raw")) == _files(image_folder)
@@ -47,21 +47,21 @@ def test_transient_503s_are_retried(image_folder, via_proxy):
 def test_server_going_away_mid_ingest_is_a_clear_error_and_a_rerun_completes(image_folder, via_proxy):
     proxy = via_proxy(die_after=30)
     with pytest.raises(StorageError, match=f"127.0.0.1:{proxy.port} is unreachable"):
-        ingest(str(image_folder), "s3://outage/p", image_size=16)
+        ingest(str(image_folder), "s3://outage/p", image_size=32)
     via_proxy(port=proxy.port)  # the server is back
     store = open_store("s3://outage/p")
     assert not [k for k in store.list() if k.endswith("manifest.json")]  # the half version is invisible
-    info = ingest(str(image_folder), "s3://outage/p", image_size=16)
+    info = ingest(str(image_folder), "s3://outage/p", image_size=32)
     ds = StoredDataset(info["uri"])
     assert sorted(k.removeprefix("raw/") for k in ds.store.list("raw")) == _files(image_folder)
     assert sum(len(ds.entries(s)) for s in ("train", "test")) == len(_files(image_folder))
 
 
 def test_killed_ingest_rerun_has_nothing_missing_or_duplicated(tmp_path, s3_env):
-    from components.synthetic import make_synthetic
+    from pneumonia_kfp.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "data", {"train": 150, "test": 20}, size=64)
-    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", "--data", str(data), "--storage", "s3://killed/p",
+    cmd = [sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data", str(data), "--storage", "s3://killed/p",
            "--image-size", "32"]
     proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = open_store("s3://killed/p")

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from components import telemetry
-from components.telemetry import ENV_PROGRESS, IngestTelemetry, TrainTelemetry, progress
+from pneumonia_kfp import telemetry
+from pneumonia_kfp.telemetry import ENV_PROGRESS, IngestTelemetry, TrainTelemetry, progress
 from tests.pushgateway import delete_group, pushgateway, scrape  # noqa: F401 - fixture
 
 NAME = re.compile(r"^pneumonia_kfp_[a-z_]+$")
@@ -89,7 +89,7 @@ def test_an_unreachable_pushgateway_never_fails_the_step(caplog):
     from tests.conftest import free_port
 
     tel = TrainTelemetry("resnet18", epochs=1, gateway=f"127.0.0.1:{free_port()}")
-    with caplog.at_level(logging.WARNING, logger="components.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="pneumonia_kfp.telemetry"):
         tel.epoch_done(_row(1, 0.7), samples=8)
         tel.done()
     assert "pushgateway" in caplog.text and caplog.text.count("failed") == 1  # warned once
@@ -114,13 +114,13 @@ def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
 def test_progress_logs_lines_without_a_terminal(monkeypatch, caplog):
     monkeypatch.setenv(ENV_PROGRESS, "auto")
     monkeypatch.setattr(telemetry, "_terminal", lambda: None)
-    with caplog.at_level(logging.INFO, logger="components.telemetry"):
+    with caplog.at_level(logging.INFO, logger="pneumonia_kfp.telemetry"):
         assert list(progress(iter(range(4)), total=4, desc="resnet18 epoch 1/2", unit="batch", every=0)) == [0, 1, 2, 3]
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("resnet18 epoch 1/2: 1/4 batch (25%)") and "ETA" in lines[0]
     assert lines[-1].startswith("resnet18 epoch 1/2: 4/4 batch (100%)") and lines[-1].endswith(" s")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="components.telemetry"):
+    with caplog.at_level(logging.INFO, logger="pneumonia_kfp.telemetry"):
         list(progress(range(100), desc="quick", every=3600))  # short loops stay quiet
     assert not caplog.records
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from components.backbones import load_checkpoint, predict
-from components.data import StoredDataset
-from components.evaluate import evaluate, ui_scalars
-from components.export import export_torchscript, load_exported
-from components.ingest import ingest
-from components.report import BEST_RULE, HEADER, MAX_HTML_BYTES, best_model, html_report, report
-from components.train import train, train_val_split
+from pneumonia_kfp.backbones import load_checkpoint, predict
+from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.evaluation import evaluate, ui_scalars
+from pneumonia_kfp.export import export_torchscript, load_exported
+from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.report import BEST_RULE, HEADER, MAX_HTML_BYTES, best_model, html_report, report
+from pneumonia_kfp.training import train, train_val_split
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder
     """Preemption: kill the training process after epoch 2 of 3, restart it, compare."""
     uri = ingest(str(image_folder), (tmp_path / "store").as_uri(), image_size=32)["uri"]
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-            "from components.train import train;"
+            "from pneumonia_kfp.training import train;"
             f"train({uri!r}, 'resnet18', {str(tmp_path / 'r.pt')!r}, epochs=3, batch_size=16, seed=0)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

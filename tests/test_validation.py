@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data import DataError, StoredDataset
-from components.ingest import ingest
-from components.storage import open_store
+from pneumonia_kfp.data import DataError, StoredDataset
+from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.storage import open_store
 
 
 @pytest.fixture

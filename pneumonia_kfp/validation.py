@@ -7,10 +7,11 @@ warning (the official Kermany split has a few).
 from collections import defaultdict
 from pathlib import Path
 
-from components.data import DataError, ImageFile
+import numpy as np
 
-MIN_SIDE = 32  # pixels; anything smaller is no chest X-ray
-ON_INVALID = ("fail", "skip")
+from pneumonia_kfp.data import DataError, ImageFile
+from pneumonia_kfp.params import MIN_IMAGE_SIZE as MIN_SIDE  # a source image smaller than the smallest input is no X-ray
+
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -18,12 +19,28 @@ def inside(path: Path, root: Path) -> bool:
     real_root = root.resolve()
     return path.resolve() == real_root or real_root in path.resolve().parents
 
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode fully, convert to 8-bit grayscale and resize to size×size."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: scale to 8 bit instead of clipping at 255
+            a = np.asarray(im, dtype=np.float64)
+            a = (a - a.min()) / max(a.max() - a.min(), 1) * 255
+            im = Image.fromarray(a.astype(np.uint8))
+        elif im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(background, im)
+        im = im.convert("L").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(im, dtype=np.uint8)
+
 
 def check_file(f: ImageFile, root: Path, size: int, min_side: int = MIN_SIDE):
     """(uint8 size×size image, None) or (None, reason)."""
     from PIL import Image, UnidentifiedImageError
-
-    from components.ingest import load_image
 
     if f.path.is_symlink() and not inside(f.path, root):
         return None, "symlink pointing outside the data root"

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from pneumonia_kfp.errors import PneumoniaKfpError
 
-class StorageError(RuntimeError):
+
+class StorageError(PneumoniaKfpError):
     """A store could not be opened or answered with an error; the message says which store."""
 
     def __init__(self, message: str, code: str | None = None):

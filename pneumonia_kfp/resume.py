@@ -8,7 +8,7 @@ import io
 import json
 import logging
 
-from components.storage import StorageError, Store, open_store
+from pneumonia_kfp.storage import StorageError, Store, open_store
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia_kfp.errors import DataError  # noqa: F401  (re-exported: the data module's error)
+
 SPLITS = ("train", "val", "test")
 # Kermany file names: PNEUMONIA "person1_bacteria_1.jpeg", NORMAL "IM-0115-0001.jpeg" and
 # "NORMAL2-IM-1427-0001.jpeg". Anything else is treated as its own patient.
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^((?:NORMAL2-)?IM-\d+)-"))
-
-
-class DataError(ValueError):
-    """The dataset is missing or malformed; the message names the path and what to do."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class StoredDataset:
     """A dataset version in the store, as ingest wrote it (``datasets/<sha>/``)."""
 
     def __init__(self, uri: str):
-        from components.storage import open_store
+        from pneumonia_kfp.storage import open_store
 
         self.uri = uri
         self.store = open_store(uri)

@@ -5,11 +5,13 @@ import difflib
 import tempfile
 from pathlib import Path
 
-SEED_BACKBONES = ("resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3")
+from pneumonia_kfp.errors import UsageError
+from pneumonia_kfp.params import MIN_IMAGE_SIZE
 
 
-class BackboneError(ValueError):
-    pass
+
+class BackboneError(UsageError):
+    """A backbone name or an image size it cannot take."""
 
 
 def check_backbone(name: str) -> None:
@@ -19,9 +21,6 @@ def check_backbone(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
         raise BackboneError(f"unknown backbone {name!r}: not a timm model name.{hint}")
-
-
-MIN_IMAGE_SIZE = 32  # CNN backbones downsample 32x: smaller inputs vanish before the head
 
 
 def check_image_size(name: str, size: int) -> None:
@@ -57,7 +56,7 @@ def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, w
 
 def _local_weights(weights: str, tmp: Path) -> Path:
     if weights.startswith("s3://") or weights.startswith("file://"):
-        from components.storage import open_store
+        from pneumonia_kfp.storage import open_store
 
         parent, _, key = weights.rpartition("/")
         open_store(parent).get_file(key, tmp / key)
@@ -93,7 +92,7 @@ def predict(model, images, mean: float, std: float, batch_size: int = 256):
     import numpy as np
     import torch
 
-    from components.augmentation import normalize
+    from pneumonia_kfp.augmentation import normalize
 
     device = next(model.parameters()).device
     images = torch.as_tensor(images)

@@ -22,7 +22,7 @@ METADATA_FILE = "metadata.json"
 def _deployable(model, mean: float, std: float):
     import torch
 
-    from components.augmentation import normalize
+    from pneumonia_kfp.augmentation import normalize
 
     class Deployable(torch.nn.Module):
         """uint8 N×1×S×S -> P(positive class), N."""
@@ -41,7 +41,7 @@ def export_torchscript(checkpoint_path: str, path: str) -> dict:
     """Trace the checkpoint's model (on CPU) to ``path``; returns the metadata stored with it."""
     import torch
 
-    from components.backbones import load_checkpoint
+    from pneumonia_kfp.backbones import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint_path, "cpu")
     size = int(meta["image_size"])
