@@ -10,7 +10,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup run test compile image clean
+.PHONY: setup system-packages run test lint compile image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ run: setup
 	$(BIN)/pneumonia-kfp run-local --output $(OUT) --backbones $(BACKBONES) --epochs $(EPOCHS) \
 		--image-size $(IMAGE_SIZE) $(if $(DATA),--data $(DATA))
 
-test: setup
+# the Debian packages the tests use as real parts (pushgateway, chromium): installed once, or one line saying how
+system-packages:
+	@scripts/system-packages.sh
+
+test: setup system-packages
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 compile: setup
 	$(BIN)/pneumonia-kfp compile -o pipeline.yaml $(if $(IMAGE),--image $(IMAGE))

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from pneumonia_kfp.errors import PneumoniaKfpError
-from pneumonia_kfp.params import PARAMS, add_arguments as add_params, check_run_params, from_args
+from pneumonia_kfp.params import PARAMS, check_run_params, from_args
+from pneumonia_kfp.params import add_arguments as add_params
 
 # the parameters each command takes, all defined in pneumonia_kfp.params
 RUN_LOCAL_PARAMS = [p.name for p in PARAMS]
@@ -98,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="compile and run the pipeline on a Kubeflow Pipelines cluster")
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
     s.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
-    s.add_argument("--experiment", default=PIPELINE_NAME, help=f"experiment name, created if new (default: {PIPELINE_NAME})")
+    s.add_argument("--experiment", default=PIPELINE_NAME,
+                   help=f"experiment name, created if new (default: {PIPELINE_NAME})")
     s.add_argument("--run-name", help="default: pneumonia-kfp and the time")
     s.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
                    help="bearer token (default: $KFP_TOKEN; in a pod: its projected ServiceAccount token)")

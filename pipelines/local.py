@@ -81,7 +81,7 @@ def cpu_estimate(params: dict, images: int) -> str | None:
         opt = torch.optim.AdamW(model.parameters())
         x = torch.randn(4, 1, params["image_size"], params["image_size"])
         y = torch.tensor([0, 1, 0, 1])
-        for i in range(2):  # the first step warms up allocators and kernels
+        for _i in range(2):  # the first step warms up allocators and kernels
             start = time.perf_counter()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
@@ -99,7 +99,8 @@ def check_output(out: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--output {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
+        raise UsageError(f"--output {out}: cannot write there ({e.strerror or e}); "
+                         "choose a writable directory") from None
     return out
 
 

@@ -28,7 +28,7 @@ def build_pipeline(max_parallel: int = default("max_parallel"), settings: Option
     check_run_params({"max_parallel": max_parallel})
 
     def pneumonia_pipeline(*values) -> Outputs:
-        p = dict(zip((q.name for q in PIPELINE_PARAMS), values))  # kfp passes one channel per parameter
+        p = dict(zip((q.name for q in PIPELINE_PARAMS), values, strict=True))  # kfp passes one channel per parameter
         ingest = ingest_op(data=p["data"], storage=p["storage"], image_size=p["image_size"], seed=p["seed"],
                            on_invalid=p["on_invalid"])
         with dsl.ParallelFor(p["backbones"], parallelism=max_parallel) as backbone:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
-from pneumonia_kfp.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
 from pneumonia_kfp.pipelines.settings import Resources, Settings, Train
+from pneumonia_kfp.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
 
 
 def configure(settings: Settings, *, ingest, train, evaluate, report) -> None:

@@ -9,7 +9,6 @@ from pneumonia_kfp.errors import UsageError
 from pneumonia_kfp.params import MIN_IMAGE_SIZE
 
 
-
 class BackboneError(UsageError):
     """A backbone name or an image size it cannot take."""
 

@@ -6,7 +6,6 @@ bounds, validation AUC, threshold, training figures) and a ``system.Classificati
 """
 import math
 
-
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
 

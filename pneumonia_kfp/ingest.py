@@ -65,7 +65,7 @@ def assign_splits(files: list[ImageFile], classes: list[str], seed: int) -> tupl
     labels = [classes.index(files[i].label) for i in train]
     groups = [patient_id(files[i].path.name) or files[i].relpath for i in train]  # a patient never straddles
     held = grouped_holdout(labels, groups, TEST_FRACTION, seed)
-    for i, h in zip(train, held):
+    for i, h in zip(train, held, strict=True):
         if h:
             splits[i] = "test"
     return splits, True
@@ -90,7 +90,7 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
         identity = {
             "format": FORMAT_VERSION, "classes": classes, "image_size": image_size, "seed": seed,
             "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE, "synthetic": _synthetic(root),
-            "files": [[f.relpath, h] for f, h in zip(files, shas)],
+            "files": [[f.relpath, h] for f, h in zip(files, shas, strict=True)],
         }
         sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         store = open_store(storage).child(f"datasets/{sha}")
@@ -113,7 +113,7 @@ def _write_version(store, root, classes, files, shas, image_size, seed, on_inval
     with ThreadPoolExecutor(4) as pool:
         checked = list(progress(pool.map(lambda f: validation.check_file(f, root, image_size), files), len(files),
                                 "ingest: decode", "img"))
-    rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked) if why]
+    rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked, strict=True) if why]
     # the report is kept even when ingest stops: without a manifest the version stays invisible
     store.put_bytes("validation.json", json.dumps({"rejected": rejected}, indent=1).encode())
     if rejected:
@@ -132,7 +132,7 @@ def _write_version(store, root, classes, files, shas, image_size, seed, on_inval
         )
 
     entries, rows = [], {}
-    for f, split, sha, image in zip(files, splits, shas, images):
+    for f, split, sha, image in zip(files, splits, shas, images, strict=True):
         rows.setdefault(split, []).append(image)
         entries.append({
             "path": f.relpath, "split": split, "class": f.label, "sha256": sha,

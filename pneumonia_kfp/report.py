@@ -6,7 +6,6 @@ import io
 import logging
 import re
 
-
 log = logging.getLogger(__name__)
 
 BEST_RULE = "highest validation AUC (ties: higher validation F1); test metrics play no part in the choice"
@@ -74,7 +73,8 @@ def _ci_note(results: dict) -> str:
 
 
 def _dataset_line(d: dict) -> str:
-    counts = ", ".join(f"{s}: " + " / ".join(f"{n} {c}" for c, n in cs.items()) for s, cs in d.get("counts", {}).items())
+    counts = ", ".join(f"{s}: " + " / ".join(f"{n} {c}" for c, n in cs.items())
+                       for s, cs in d.get("counts", {}).items())
     from pneumonia_kfp.training import MIN_VAL_IMAGES
 
     carved = " Test split carved from train (grouped by patient)." if d.get("test_carved_from_train") else ""

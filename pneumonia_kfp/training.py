@@ -5,9 +5,10 @@ import logging
 import time
 
 import numpy as np
+
 from pneumonia_kfp import resume
-from pneumonia_kfp.params import check_run_params, default
 from pneumonia_kfp.data import DataError, StoredDataset, grouped_holdout, groups_of
+from pneumonia_kfp.params import check_run_params, default
 
 log = logging.getLogger(__name__)
 MIN_VAL_IMAGES = 100
@@ -65,7 +66,8 @@ def training_step(model, x, y, loss_fn, optimizer, scaler):
 
 def train(
     dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = default("epochs"),
-    batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"), seed: int = default("seed"),
+    batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"),
+    seed: int = default("seed"),
     pretrained: bool = False, weights: str = "", compile_model: bool = False,
 ) -> dict:
     """Train, keep the epoch with the best validation AUC, pick the threshold on validation.

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia_kfp.data import DataError, ImageFile
-from pneumonia_kfp.params import MIN_IMAGE_SIZE as MIN_SIDE  # a source image smaller than the smallest input is no X-ray
-
+from pneumonia_kfp.params import (
+    MIN_IMAGE_SIZE as MIN_SIDE,  # a source image smaller than the smallest input is no X-ray
+)
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -75,7 +76,7 @@ def check_classes(files: list[ImageFile], classes: list[str], root: Path) -> Non
 def check_leakage(files: list[ImageFile], splits: list[str], shas: list[str]) -> None:
     """The same image content in two splits is an error naming the pairs."""
     where = defaultdict(list)
-    for f, s, h in zip(files, splits, shas):
+    for f, s, h in zip(files, splits, shas, strict=True):
         where[h].append((s, f.relpath))
     pairs = [places for places in where.values() if len({s for s, _ in places}) > 1]
     if pairs:

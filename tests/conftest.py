@@ -3,6 +3,7 @@ import socket
 import pytest
 
 from pneumonia_kfp.synthetic import make_synthetic
+from tests.pushgateway import pushgateway  # noqa: F401 - a fixture, shared
 
 
 def free_port() -> int:

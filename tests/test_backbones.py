@@ -1,9 +1,8 @@
 import pytest
 import torch
 
+from pneumonia_kfp.backbones import BackboneError, check_backbone, create_backbone, load_checkpoint, save_checkpoint
 from pneumonia_kfp.params import SEED_BACKBONES
-from pneumonia_kfp.backbones import (BackboneError, check_backbone, create_backbone,
-                                  load_checkpoint, save_checkpoint)
 
 
 @pytest.mark.parametrize("name", SEED_BACKBONES + ("convnext_atto",))

@@ -35,4 +35,5 @@ def test_ingest_prints_the_dataset_uri(image_folder, tmp_path, capsys):
     storage = (tmp_path / "store").as_uri()
     assert main(["ingest", "--data", str(image_folder), "--storage", storage, "--image-size", "32"]) == 0
     uri = capsys.readouterr().out.strip().splitlines()[-1]
-    assert uri.startswith(storage + "/datasets/") and (tmp_path / "store" / uri.split("/store/")[1] / "manifest.json").is_file()
+    assert uri.startswith(storage + "/datasets/")
+    assert (tmp_path / "store" / uri.split("/store/")[1] / "manifest.json").is_file()

@@ -6,8 +6,8 @@ import pytest
 
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.ingest import ingest
-from pneumonia_kfp.validation import load_image
 from pneumonia_kfp.storage import open_store
+from pneumonia_kfp.validation import load_image
 
 
 def test_ingest_writes_manifest_raw_files_and_tensors(image_folder, tmp_path):

@@ -13,13 +13,13 @@ import torch
 from kfp import local
 
 from pneumonia_kfp.backbones import load_checkpoint, predict
-from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.components.evaluate import evaluate_op
-from pneumonia_kfp.export import load_exported
-from pneumonia_kfp.telemetry import ENV_PROGRESS, ENV_PROGRESS_SECONDS, ENV_PUSHGATEWAY
 from pneumonia_kfp.components.train import train_op
+from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.export import load_exported
 from pneumonia_kfp.pipelines.pipeline import build_pipeline
-from tests.pushgateway import pushgateway, scrape  # noqa: F401 - fixture
+from pneumonia_kfp.telemetry import ENV_PROGRESS, ENV_PROGRESS_SECONDS, ENV_PUSHGATEWAY
+from tests.pushgateway import scrape
 
 BACKBONE = "resnet18"
 

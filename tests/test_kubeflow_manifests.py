@@ -72,7 +72,8 @@ def test_overlay_settings_match_what_it_deploys(overlay):
 @pytest.mark.parametrize("overlay", sorted(OBJECTS))
 def test_scrape_config_keeps_pushed_labels_of_the_pushgateway(overlay):
     objects = render(overlay)
-    [entry] = yaml.safe_load(find(objects, "ConfigMap", "pneumonia-kfp-pushgateway-scrape-config")["data"]["scrape-config.yaml"])
+    config = find(objects, "ConfigMap", "pneumonia-kfp-pushgateway-scrape-config")
+    [entry] = yaml.safe_load(config["data"]["scrape-config.yaml"])
     assert entry["honor_labels"] is True  # keeps job/backbone labels the tasks pushed
     service = find(objects, "Service", "pneumonia-kfp-pushgateway")
     assert "pneumonia-kfp-pushgateway" in yaml.safe_dump(entry["relabel_configs"])

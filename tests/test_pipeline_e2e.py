@@ -3,8 +3,8 @@ import json
 
 import yaml
 
-from pneumonia_kfp.storage import open_store
 from pneumonia_kfp.pipelines.cli import main
+from pneumonia_kfp.storage import open_store
 
 RESULT_KEYS = {"backbone", "image_size", "epochs", "pretrained", "threshold", "test", "val", "train"}
 SPLIT_KEYS = {"n", "accuracy", "precision", "recall", "specificity", "f1", "auc", "confusion_matrix", "labels", "ci95"}

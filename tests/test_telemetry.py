@@ -8,7 +8,7 @@ import pytest
 
 from pneumonia_kfp import telemetry
 from pneumonia_kfp.telemetry import ENV_PROGRESS, IngestTelemetry, TrainTelemetry, progress
-from tests.pushgateway import delete_group, pushgateway, scrape  # noqa: F401 - fixture
+from tests.pushgateway import delete_group, scrape
 
 NAME = re.compile(r"^pneumonia_kfp_[a-z_]+$")
 
