@@ -6,7 +6,7 @@ from pneumonia_kfp.components.kfp_defaults import component
 
 @component
 def evaluate_op(
-    dataset: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], metrics: dsl.Output[dsl.Metrics],
+    dataset: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], run_dir: str, metrics: dsl.Output[dsl.Metrics],
     classification: dsl.Output[dsl.ClassificationMetrics], results: dsl.Output[dsl.Artifact],
 ):
     """Test-set metrics of one model: scalars, confusion matrix + ROC for the UI, results JSON.
@@ -14,6 +14,7 @@ def evaluate_op(
     Args:
         dataset: the ingested dataset version; its test split is scored.
         model: a checkpoint written by train.
+        run_dir: the run's folder in the store (from start); the results JSON goes there for the report.
         metrics: test scalars with 95 % CI bounds, validation AUC/F1, threshold and training figures.
         classification: confusion matrix (class names as labels) and test ROC for the UI.
         results: this model's entry of results.json.
@@ -22,6 +23,7 @@ def evaluate_op(
     import math
 
     from pneumonia_kfp.evaluation import evaluate, ui_scalars
+    from pneumonia_kfp.runs import save_result
 
     r = evaluate(dataset.metadata["uri"], model.path)
     for name, value in ui_scalars(r).items():
@@ -32,3 +34,4 @@ def evaluate_op(
     results.metadata["backbone"] = r["backbone"]
     with open(results.path, "w") as f:
         json.dump(r, f, indent=1)
+    save_result(run_dir, r)

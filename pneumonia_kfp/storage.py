@@ -9,6 +9,8 @@
   ``MINIO_SECRET_KEY``  secret key
   ``MINIO_SECURE``      ``true`` for TLS when the endpoint has no scheme (default ``false``)
   ``MINIO_REGION``      optional region
+  ``MINIO_CREATE_BUCKET`` ``false``: never check for or create the bucket (multi-user Kubeflow's keys may
+                        only write under their prefix; the bucket is Kubeflow's). Default ``true``.
 
 Keys are ``/``-separated and relative to the store's root. Every write is atomic for readers:
 an object appears whole or not at all, so a manifest written last marks a complete dataset.
@@ -38,6 +40,7 @@ class StorageError(PneumoniaKfpError):
 _NOT_FOUND = ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchObject")
 # the environment variables the s3 backend reads (a cluster compile sets them from the Secret)
 ENDPOINT_ENV, ACCESS_KEY_ENV, SECRET_KEY_ENV = "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"
+CREATE_BUCKET_ENV = "MINIO_CREATE_BUCKET"
 
 
 class Store:
@@ -154,6 +157,9 @@ class S3Store(Store):
     def _ensure_bucket(self) -> None:
         with self._lock:
             if self._bucket_checked:
+                return
+            if os.environ.get(CREATE_BUCKET_ENV, "true").lower() == "false":  # not ours: never touch it
+                self._bucket_checked = True
                 return
             if not self._call(f"check bucket {self.bucket}", self.client.bucket_exists, self.bucket):
                 self._call(f"create bucket {self.bucket}", self.client.make_bucket, self.bucket)
