@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +36,13 @@ class ConsoleFilter(io.TextIOBase):
 
     def __init__(self, log, console):
         self.log, self.console, self.pending, self.last_error = log, console, "", None
+        self.lock = threading.Lock()  # ParallelFor iterations log from several threads
 
     def write(self, text: str) -> int:
+        with self.lock:
+            return self._write(text)
+
+    def _write(self, text: str) -> int:
         self.log.write(text)
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
@@ -54,6 +61,18 @@ class ConsoleFilter(io.TextIOBase):
     def flush(self) -> None:
         self.log.flush()
         self.console.flush()
+
+
+@contextlib.contextmanager
+def _root_log_to(stream):
+    """Log records of the runner (also from ParallelFor threads) through ``stream`` while the pipeline runs."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [logging.StreamHandler(stream)]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 def announce_synthetic(out: Path, image_size: int) -> Path:
@@ -79,14 +98,17 @@ def cpu_estimate(params: dict, images: int) -> str | None:
     for name in params["backbones"]:
         model = create_backbone(name, num_classes=2)
         opt = torch.optim.AdamW(model.parameters())
-        x = torch.randn(4, 1, params["image_size"], params["image_size"])
-        y = torch.tensor([0, 1, 0, 1])
-        for _i in range(2):  # the first step warms up allocators and kernels
+        batch = min(8, params["batch_size"])  # small enough to measure in seconds, big enough to be representative
+        x = torch.randn(batch, 1, params["image_size"], params["image_size"])
+        y = torch.arange(batch) % 2
+        steps = []
+        for _ in range(3):  # the first step warms up allocators and kernels; the fastest counts
             start = time.perf_counter()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
-        seconds += (time.perf_counter() - start) / 4 * images * params["epochs"]
+            steps.append(time.perf_counter() - start)
+        seconds += min(steps[1:]) / batch * images * params["epochs"]
     # parallel tasks share the same cores, so the wall time is about the sum
     return f"about {seconds / 60:.0f} min" if seconds >= 60 else f"about {seconds:.0f} s"
 
@@ -133,7 +155,7 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
     with open(log_path, "w") as log:
         stream = ConsoleFilter(log, sys.stdout)
         try:
-            with contextlib.redirect_stdout(stream), warnings.catch_warnings():
+            with contextlib.redirect_stdout(stream), _root_log_to(stream), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", module="kfp")  # "custom base image" notices: known, harmless here
                 task = pipeline(**params)
         except RuntimeError as e:

@@ -33,7 +33,7 @@ def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
     import torch
 
     from pneumonia_kfp.backbones import load_checkpoint, predict
-    from pneumonia_kfp.data import StoredDataset
+    from pneumonia_kfp.data import DataError, StoredDataset
     from pneumonia_kfp.metrics import classification_report, roc_points
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +41,7 @@ def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
     ds = StoredDataset(dataset_uri)
     x, y, _ = ds.split("test")
     if len(y) == 0:
-        raise ValueError(f"{dataset_uri} has no test images")
+        raise DataError(f"{dataset_uri} has no test images: ingest a dataset with a test/ split to evaluate on")
     prob = predict(model, x, meta["mean"], meta["std"])
     return {
         "backbone": meta["backbone"], "image_size": meta["image_size"], "epochs": meta["epochs"],
