@@ -60,7 +60,8 @@ def submit_cmd(args) -> int:
         package = str(Path(tmp) / "pipeline.yaml")
         settings = compile_pipeline(args, package)
         inputs = pipeline_inputs(package)
-        params = parse_params(args.param, inputs, storage=settings.storage.format(namespace=args.namespace or "kubeflow"))
+        storage = settings.storage.format(namespace=args.namespace or "kubeflow")  # standalone KFP: kubeflow
+        params = parse_params(args.param, inputs, storage=storage)
         # the values the run will see, defaults included, pass the same checks as run-local
         check_run_params({**{n: d["defaultValue"] for n, d in inputs.items() if "defaultValue" in d}, **params})
         run_id, state = submit(package, args.host, params, namespace=args.namespace, experiment=args.experiment,

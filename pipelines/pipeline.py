@@ -27,8 +27,14 @@ from pneumonia_kfp.components.kfp_defaults import image_mismatch
 from pneumonia_kfp.components.report import report_op
 from pneumonia_kfp.components.start import start_op
 from pneumonia_kfp.components.train import train_op
-from pneumonia_kfp.params import BY_NAME, PIPELINE_PARAMS, check_run_params, default, pipeline_docstring, \
-    pipeline_signature
+from pneumonia_kfp.params import (
+    BY_NAME,
+    PIPELINE_PARAMS,
+    check_run_params,
+    default,
+    pipeline_docstring,
+    pipeline_signature,
+)
 from pneumonia_kfp.pipelines.platform import configure
 from pneumonia_kfp.pipelines.settings import Settings
 

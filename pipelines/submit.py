@@ -171,7 +171,7 @@ def submit(package: str, host: str, params: dict, *, namespace: str | None, expe
     except urllib3.exceptions.HTTPError as e:
         raise SubmitError(f"lost the connection to {host} ({type(e).__name__})") from None
     except ValueError as e:  # kfp.Client's own checks, e.g. two experiments of that name in the namespace
-        raise SubmitError(f"kfp refused the request to {host}: {_first_line(e)}") from None
+        raise SubmitError(f"kfp could not submit to {host}: {_first_line(e)}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -5,7 +5,8 @@
 pip resolves the project's dependencies (with the tested torch/torchvision) without installing
 anything; every package of that resolution is pinned with ``==``. `make setup` and
 images/Dockerfile both install from this one file, so the image runs what the tests ran. The lock's
-hash goes into the default image tag (components/kfp_defaults.py, updated here too).
+hash goes into the default image tag (components/kfp_defaults.py and the example submit Job, updated
+here too).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 DEFAULTS = ROOT / "components" / "kfp_defaults.py"
+SUBMIT_JOB = ROOT / "manifests" / "submit-job" / "kustomization.yaml"  # names the image by its tag
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")  # the releases the tests run (this project's machines have them)
 PROJECT = "pneumonia-kfp"
 
@@ -70,6 +72,8 @@ def main() -> int:
     LOCK.write_text(text)
     source = DEFAULTS.read_text()
     DEFAULTS.write_text(re.sub(r'^LOCK_HASH = "[0-9a-f]*"', f'LOCK_HASH = "{lock_hash(text)}"', source, flags=re.M))
+    version = re.search(r'^__version__ = "(.*)"', (ROOT / "pneumonia_kfp" / "__init__.py").read_text(), re.M)[1]
+    SUBMIT_JOB.write_text(re.sub(r"newTag: \S+", f"newTag: {version}-{lock_hash(text)}", SUBMIT_JOB.read_text()))
     print(f"{LOCK.name}: {text.count(chr(10)) - 3} packages, hash {lock_hash(text)}")
     return 0
 
