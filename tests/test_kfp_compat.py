@@ -107,8 +107,10 @@ def venv(backend: str) -> Path:
     protobuf, common_protos = PROTOBUF[major]
     path = CACHE / f"ps{spec}-k8s{kubernetes}-pb{protobuf}"
     if not (path / ".ok").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
-        subprocess.run([str(path / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+        # no pip inside (faster, no ensurepip): this environment's pip installs into it
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(path)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(path / "bin" / "python"), "install", "--quiet",
+                        "--disable-pip-version-check", "--no-deps",
                         f"kfp-pipeline-spec=={spec}", f"kfp-kubernetes=={kubernetes}", f"protobuf=={protobuf}",
                         f"googleapis-common-protos=={common_protos}", "PyYAML==6.0.4"], check=True)
         (path / ".ok").touch()
