@@ -101,8 +101,11 @@ def main():
     a = p.parse_args()
     if a.child:
         return child(a)
+    load_before = os.getloadavg()[0]
     runs = [measure(a, int(n)) for n in a.cores.split(",")]
-    line = {"benchmark": "ingest", "images": runs[0]["images"], "image_size": a.image_size, "runs": runs}
+    # other work on the machine disturbs the 1-vs-2-core comparison: the 1-minute load says how much
+    line = {"benchmark": "ingest", "images": runs[0]["images"], "image_size": a.image_size, "runs": runs,
+            "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
     by_cores = {r["cores"]: r for r in runs}
     if 1 in by_cores and 2 in by_cores:
         line["speedup_first_2_vs_1"] = round(by_cores[1]["first_s"] / by_cores[2]["first_s"], 2)

@@ -10,6 +10,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -21,14 +22,18 @@ SPLITS = ("train", "val", "test")
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^((?:NORMAL2-)?IM-\d+)-"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageFile:
     split: str
     label: str
-    path: Path  # absolute path on disk
+    path: str  # on local disk (a str, not a Path: ingest makes tens of thousands)
     relpath: str  # split/class/name, the same in the store
     stat: tuple | None = None  # (size, mtime_ns, ctime_ns, inode) of what the name leads to, from the scan
     problem: str | None = None  # why it cannot be read at all, found without opening it
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[1]
 
 
 def patient_id(file_name: str) -> str | None:
@@ -65,7 +70,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[ImageFile]]:
         for c in classes:
             for e in by_class[c]:
                 st, problem = _stat(e, real_root)
-                files.append(ImageFile(s, c, Path(e.path), f"{s}/{c}/{e.name}", st, problem))
+                files.append(ImageFile(s, c, e.path, f"{s}/{c}/{e.name}", st, problem))
     return classes, files
 
 
@@ -78,7 +83,7 @@ def image_folder_from_keys(keys: list[str], where: str, root: Path) -> tuple[lis
         if len(parts) == 3 and parts[0] in SPLITS and not any(p.startswith(".") for p in parts):
             tree.setdefault(parts[0], {}).setdefault(parts[1], []).append(parts[2])
     classes = check_layout(where, {s: {c: len(ns) for c, ns in cs.items()} for s, cs in tree.items()})
-    files = [ImageFile(s, c, root / s / c / n, f"{s}/{c}/{n}")
+    files = [ImageFile(s, c, f"{root}/{s}/{c}/{n}", f"{s}/{c}/{n}")
              for s in SPLITS if s in tree for c in classes for n in sorted(tree[s][c])]
     return classes, files
 
@@ -179,19 +184,48 @@ class IntegrityError(DataError):
     """A stored object is missing or its bytes are not those the manifest's sha256 names."""
 
 
+def canonical_json(obj, per_chunk: int = 2048) -> Iterator[bytes]:
+    """``json.dumps(obj, sort_keys=True, separators=(",", ":"))``, encoded, in pieces: a list of tens of
+    thousands of entries (the manifest's files) is never one string in memory."""
+    if isinstance(obj, dict):
+        yield b"{"
+        for n, key in enumerate(sorted(obj)):
+            yield (b"," if n else b"") + json.dumps(key).encode() + b":"
+            yield from canonical_json(obj[key], per_chunk)
+        yield b"}"
+    elif isinstance(obj, list) and len(obj) > per_chunk:
+        yield b"["
+        for k in range(0, len(obj), per_chunk):
+            yield (b"," if k else b"") + _canonical(obj[k:k + per_chunk])[1:-1]
+        yield b"]"
+    else:
+        yield _canonical(obj)
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sha256_of_chunks(chunks) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest without its own ``checksum`` field (canonical JSON)."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_of_chunks(canonical_json({k: v for k, v in manifest.items() if k != "checksum"}))
 
 
-def read_manifest(store) -> dict | None:
-    """A version's manifest, verified; None when there is none (the version is not complete)."""
+def read_manifest(store, verify: bool = True) -> dict | None:
+    """A version's manifest, verified (unless the caller knows it is); None when there is none (the
+    version is not complete)."""
     if not store.exists("manifest.json"):
         return None
     try:
         manifest = json.loads(store.get_bytes("manifest.json"))
-        ok = isinstance(manifest, dict) and manifest.get("checksum") == manifest_checksum(manifest)
+        ok = isinstance(manifest, dict) and (not verify or manifest.get("checksum") == manifest_checksum(manifest))
     except ValueError:
         ok = False
     if not ok:
@@ -243,26 +277,26 @@ class StoredDataset:
 
     def read(self, key: str) -> bytes:
         """A version object (``tensors/train.npy``, ``validation.json``), checked against the manifest."""
-        return self._verified(self.store, key, self.manifest["objects"].get(key))
+        return self._verified(key, self.manifest["objects"].get(key), lambda: self.store.get_bytes(key))
 
     def raw(self, entry: dict) -> bytes:
-        """The original bytes of a file (content-addressed under ``<storage>/objects/``), checked."""
-        from pneumonia_kfp.storage import open_store
+        """The original bytes of a file (a range of its pack), checked against its sha256."""
+        return self._verified(entry["pack"], entry["sha256"],
+                              lambda: self.store.get_range(entry["pack"], entry["offset"], entry["bytes"]),
+                              f"{self.uri}/{entry['pack']} (bytes {entry['offset']}+{entry['bytes']}: {entry['path']})")
 
-        root = open_store(self.uri.rsplit("/datasets/", 1)[0])
-        return self._verified(root, raw_key(entry["sha256"]), entry["sha256"])
-
-    def _verified(self, store, key: str, want: str | None) -> bytes:
+    def _verified(self, key: str, want: str | None, fetch, where: str | None = None) -> bytes:
         from pneumonia_kfp.storage import StorageError
 
         hint = repair_hint(self.uri, self.manifest)
         try:
-            data = store.get_bytes(key)
+            data = fetch()
         except StorageError as e:
             if e.code in ("NoSuchKey", "NoSuchBucket"):
-                raise IntegrityError(f"{store.uri_of(key)} is missing from the dataset version. {hint}") from None
+                raise IntegrityError(f"{self.store.uri_of(key)} is missing from the dataset version. {hint}") \
+                    from None
             raise
-        return verify(data, want, store.uri_of(key), hint)
+        return verify(data, want, where or self.store.uri_of(key), hint)
 
     def split(self, split: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """(uint8 images N×1×S×S, int64 labels, manifest entries) of a split."""
@@ -274,8 +308,3 @@ class StoredDataset:
         if len(images) != len(entries):
             raise DataError(f"{self.uri}/tensors/{split}.npy has {len(images)} rows, manifest {len(entries)}")
         return images, labels, entries
-
-
-def raw_key(sha256: str) -> str:
-    """Where a file's original bytes live, relative to the store root: by content, shared by versions."""
-    return f"objects/{sha256}"

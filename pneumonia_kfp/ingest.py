@@ -1,20 +1,22 @@
 """ingest: an ImageFolder -> a content-addressed dataset version in the store.
 
-    objects/<sha256>                          every original file, by its content (versions share them)
+    datasets/<sha>/raw/<name>.pack            the original files, concatenated (one pack per worker,
+                                              like git's packs): a few objects instead of one per image
     datasets/<sha>/tensors/<split>.npy        uint8 N×1×S×S, decoded and resized once
     datasets/<sha>/validation.json            what was rejected and why
     datasets/<sha>/manifest.json              written last: its presence marks a complete version. It
-                                              names the sha256 of every file and object, and carries a
-                                              checksum of itself; readers verify what they load
-    ingest-index/<source>.json                a cache: each source file's stat and sha256, and the
-                                              stat of each store object whose sha256 was verified
+                                              gives the sha256 of every object, and of every file with
+                                              its pack and offset, plus a checksum of itself; readers
+                                              verify what they load
+    ingest-index/                             a cache: each source file's stat and sha256, and the
+                                              stat (or ETag) of each object whose sha256 was verified
 
 <sha> hashes every file's content and place plus the ingest settings, so unchanged data maps to
-the same version. Each file is read once, in worker processes: hashed, decoded and uploaded from the
+the same version. Each file is read once, in worker processes: hashed, decoded and packed from the
 same bytes. Re-ingesting unchanged data reads no file, the way git's index works: a file whose
 size, times and inode are those recorded keeps its recorded sha256 (its content decides whenever
 they change; an s3:// source is judged by ETag), and the version's objects are checked the same
-way against the store's own stat or ETag. A damaged or missing object is rebuilt in place.
+way against the store's own stat or ETag. A damaged or missing object is rewritten in place.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import io
 import json
 import logging
 import os
+import secrets
 import stat
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +40,15 @@ from pneumonia_kfp.data import (
     DataError,
     ImageFile,
     IntegrityError,
+    canonical_json,
     file_signature,
     grouped_holdout,
     image_folder_from_keys,
     manifest_checksum,
     patient_id,
-    raw_key,
     read_manifest,
     scan_image_folder,
+    sha256_of_chunks,
 )
 from pneumonia_kfp.params import check_run_params, default, max_pixels
 from pneumonia_kfp.procs import die_with_parent, usable_cores
@@ -69,15 +74,16 @@ class Settings:
     max_pixels: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileResult:
     """One file, read once."""
 
     sha: str | None  # None: it could not be read
-    reason: str | None = None  # why it is rejected; None: kept, its row written
+    reason: str | None = None  # why it is rejected; None: kept, its row written and its bytes packed
     size: int = 0
     signature: tuple | None = None  # its stat, when nothing changed while it was read
-    uploaded: bool = False
+    pack: str | None = None  # the pack holding its bytes, and where
+    offset: int | None = None
 
 
 def ingest(data: str, storage: str, image_size: int = default("image_size"), seed: int = default("seed"),
@@ -93,27 +99,25 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
     telemetry = IngestTelemetry()  # Prometheus pushgateway, when configured
     root = open_store(storage)
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
-        source = open_source(data, Path(tmp))
-        scan_start = _now_ns()
+        source = open_source(data, Path(tmp) / "source")
+        scan_start = time.time_ns()
         classes, files = source.scan()
         index = Index.load(root, source.uri)
         shas = index.known(files, source)
-        found = None
+        found = checked = None
         if all(s is not None for s in shas):  # nothing changed since the last ingest: no file is read
-            found = find_version(root, version_sha(classes, files, shas, settings, source.synthetic), index)
+            checked = version_sha(classes, files, shas, settings, source.synthetic)
+            found = find_version(root, checked, index)
         if found is None:
-            rows = Path(tmp) / "rows.u8"
-            results = read_files(source, files, rows, root, settings, index, workers)
-            shas = [r.sha or f"!{r.reason}" for r in results]
-            sha = version_sha(classes, files, shas, settings, source.synthetic)
-            found = find_version(root, sha, index)
+            results = read_files(source, files, Path(tmp), settings, workers)
+            index.record(files, results, source, scan_start)
+            sha = version_sha(classes, files, [r.sha or f"!{r.reason}" for r in results], settings, source.synthetic)
+            found = find_version(root, sha, index) if sha != checked else None
             if found is None:
-                writer = VersionWriter(root, sha, source, classes, files, results, settings, rows)
+                writer = VersionWriter(root.child(f"datasets/{sha}"), source, classes, files, results, settings,
+                                       Path(tmp))
                 found = (sha, writer.write(), writer.uploaded)
                 index.verified_now(root, sha, found[1])
-            else:  # the version was there; raw objects found damaged were uploaded again while reading
-                found = (sha, found[1], sum(r.uploaded for r in results))
-            index.record(files, results, source, scan_start)
         index.save()
     sha, manifest, uploaded = found
     if manifest["rejected"] and on_invalid == "fail":
@@ -132,34 +136,28 @@ def version_sha(classes: list[str], files: list[ImageFile], shas: list[str], set
         "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE, "max_pixels": settings.max_pixels,
         "synthetic": synthetic, "files": [[f.relpath, h] for f, h in zip(files, shas, strict=True)],
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_of_chunks(canonical_json(identity))[:16]
 
 
 def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] | None:
     """(sha, manifest, 0) of a complete, intact version; None when it must be (re)written."""
     version = root.child(f"datasets/{sha}")
-    try:
-        manifest = read_manifest(version)
+    current = root.signatures(f"datasets/{sha}")
+    manifest_key = f"datasets/{sha}/manifest.json"
+    if manifest_key not in current:
+        return None
+    try:  # a manifest whose stat is the one recorded when it was verified is not checksummed again
+        manifest = read_manifest(version, verify=index.objects.get(manifest_key) != current[manifest_key])
     except IntegrityError as e:
         log.warning("%s: rewriting the version in place", e)
         return None
-    if manifest is None:
-        return None
-    damaged = index.damaged(root, sha, manifest)
+    damaged = index.damaged(root, sha, manifest, current)
     if damaged:
-        log.warning("dataset %s: %d damaged or missing object(s) (%s%s): rewriting them in place", version.uri,
-                    len(damaged), ", ".join(damaged[:3]), " ..." if len(damaged) > 3 else "")
-        index.forget(damaged)
+        log.warning("dataset %s: %d damaged or missing object(s) (%s): rewriting the version in place",
+                    version.uri, len(damaged), ", ".join(damaged))
         return None
     log.info("dataset %s is already in the store: nothing to upload", version.uri)
     return sha, manifest, 0
-
-
-def version_objects(sha: str, manifest: dict) -> dict[str, str]:
-    """{key under the store root: sha256} of every object a version is made of."""
-    objects = {f"datasets/{sha}/{k}": want for k, want in manifest["objects"].items()}
-    objects.update({raw_key(e["sha256"]): e["sha256"] for e in manifest["files"]})
-    return objects
 
 
 # --- the source ------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ class LocalSource:
 
     def __init__(self, root: Path, data: str):
         self.root, self.data = root, data
-        self.uri = os.path.realpath(root) if root.is_dir() else str(root)
+        self.uri = os.path.realpath(root)
         self.synthetic = (root / _marker()).is_file()
 
     def scan(self) -> tuple[list[str], list[ImageFile]]:
@@ -201,8 +199,6 @@ class S3Source:
         return tuple(sig) if sig else None
 
     def fetch(self, files: list[ImageFile]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(16) as pool:  # network-bound: threads overlap the requests
             list(progress(pool.map(lambda f: self.store.get_file(f.relpath, f.path), files), len(files),
                           "ingest: download", "file"))
@@ -275,36 +271,28 @@ class Index:
                 self.files.pop(f.relpath, None)
         self.dirty.add(self.key)
 
-    def damaged(self, root: Store, sha: str, manifest: dict) -> list[str]:
+    def damaged(self, root: Store, sha: str, manifest: dict, current: dict) -> list[str]:
         """Keys of the version's objects that are missing or whose bytes are not the manifest's sha256;
         an object whose stat (or ETag) is the one recorded when it was last verified is not read."""
-        current = {**root.signatures(f"datasets/{sha}"), **root.signatures("objects")}
         bad = []
-        for key, want in version_objects(sha, manifest).items():
+        for name, want in manifest["objects"].items():
+            key = f"datasets/{sha}/{name}"
             sig = current.get(key)
             if sig is None:
                 bad.append(key)
             elif self.objects.get(key) != list(sig):
-                if hashlib.sha256(root.get_bytes(key)).hexdigest() == want:
+                if _sha256_of(root, key) == want:
                     self.objects[key] = list(sig)
                     self.dirty.add(self.OBJECTS)
                 else:
                     bad.append(key)
         return bad
 
-    def forget(self, keys: list[str]) -> None:
-        for key in keys:
-            self.objects.pop(key, None)
-        self.dirty.add(self.OBJECTS)
-
-    def verified(self) -> frozenset[str]:
-        """Content hashes of the raw objects known to be in the store, intact (not uploaded again)."""
-        return frozenset(k.removeprefix("objects/") for k in self.objects if k.startswith("objects/"))
-
     def verified_now(self, root: Store, sha: str, manifest: dict) -> None:
-        """Record the signatures of the objects just written."""
-        current = {**root.signatures(f"datasets/{sha}"), **root.signatures("objects")}
-        for key in version_objects(sha, manifest):
+        """Record the signatures of a version's objects, just written and hashed as they were."""
+        current = root.signatures(f"datasets/{sha}")
+        for name in [*manifest["objects"], "manifest.json"]:
+            key = f"datasets/{sha}/{name}"
             if key in current:
                 self.objects[key] = list(current[key])
         self.dirty.add(self.OBJECTS)
@@ -312,9 +300,19 @@ class Index:
     def save(self) -> None:
         for key in sorted(self.dirty):
             entries = self.objects if key == self.OBJECTS else self.files
-            body = {"format": FORMAT_VERSION, "entries": entries}
-            self.store.put_bytes(key, json.dumps(body, separators=(",", ":")).encode())
+            self.store.put_chunks(key, canonical_json({"format": FORMAT_VERSION, "entries": entries}))
         self.dirty.clear()
+
+
+def _sha256_of(store: Store, key: str, chunk: int = 64 * 1024 * 1024) -> str:
+    """sha256 of a stored object, read a range at a time (packs and tensors can be large)."""
+    digest, offset = hashlib.sha256(), 0
+    while True:
+        data = store.get_range(key, offset, chunk)
+        digest.update(data)
+        offset += len(data)
+        if len(data) < chunk:
+            return digest.hexdigest()
 
 
 # --- reading the files: one read each, in worker processes -------------------------------------------
@@ -323,22 +321,23 @@ class Index:
 class _Job:
     """What every reader needs, sent to each worker once."""
 
-    rows: str  # the preallocated file of decoded rows: file i at row i
+    tmp: str  # holds rows.u8 (preallocated: file i at row i) and packs/, one pack of raw bytes per reader
     image_size: int
     max_pixels: int
-    store_uri: str
-    have: frozenset[str]  # raw objects already in the store, intact: not uploaded again
     parent_pid: int
 
 
 class _Reader:
+    """Reads files for one process: each file's bytes are hashed, decoded into its row and appended to
+    this reader's pack, all from the one read."""
+
     def __init__(self, job: _Job):
-        self.job, self.store = job, open_store(job.store_uri)
-        self.rows = os.open(job.rows, os.O_WRONLY | os.O_CLOEXEC)
-        self.row_bytes = job.image_size * job.image_size
+        self.job, self.row_bytes = job, job.image_size * job.image_size
+        self.rows = os.open(os.path.join(job.tmp, "rows.u8"), os.O_WRONLY | os.O_CLOEXEC)
+        self.pack_name = f"{secrets.token_hex(8)}.pack"
+        self.pack = open(os.path.join(job.tmp, "packs", self.pack_name), "ab")
 
     def read(self, i: int, path: str) -> FileResult:
-        """Hash, decode and upload one file from the same bytes."""
         try:
             # O_NONBLOCK: a name swapped for a FIFO since the scan must not block the open
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -353,18 +352,20 @@ class _Reader:
         unchanged = file_signature(before) == file_signature(after) and len(data) == after.st_size
         sha = hashlib.sha256(data).hexdigest()
         image, reason = validation.check_image(data, self.job.image_size, self.job.max_pixels)
-        uploaded = False
+        pack = offset = None
         if image is not None:
             os.pwrite(self.rows, np.ascontiguousarray(image).tobytes(), i * self.row_bytes)
-            if sha not in self.job.have:
-                self.store.put_bytes(raw_key(sha), data)
-                uploaded = True
-        return FileResult(sha, reason, len(data), file_signature(after) if unchanged else None, uploaded)
+            pack, offset = self.pack_name, self.pack.tell()
+            self.pack.write(data)
+        return FileResult(sha, reason, len(data), file_signature(after) if unchanged else None, pack, offset)
 
     def read_chunk(self, chunk: list[tuple[int, str]]) -> list[tuple[int, FileResult]]:
-        return [(i, self.read(i, path)) for i, path in chunk]
+        results = [(i, self.read(i, path)) for i, path in chunk]
+        self.pack.flush()  # complete on disk before the parent gets the results
+        return results
 
     def close(self) -> None:
+        self.pack.close()
         os.close(self.rows)
 
 
@@ -381,16 +382,17 @@ def _worker_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, FileResult]]:
     return _worker.read_chunk(chunk)
 
 
-def read_files(source, files: list[ImageFile], rows: Path, root: Store, settings: Settings, index: Index,
+def read_files(source, files: list[ImageFile], tmp: Path, settings: Settings,
                workers: int | None) -> list[FileResult]:
     """Every file read once (a file the scan found unreadable is not opened): its sha256, its
-    verdict, its decoded row in ``rows`` and, when new, its bytes uploaded to the store."""
-    todo = [(i, str(f.path)) for i, f in enumerate(files) if not f.problem]
+    verdict, its decoded row in ``tmp/rows.u8`` and its bytes in a pack under ``tmp/packs``."""
+    todo = [(i, f.path) for i, f in enumerate(files) if not f.problem]
     results = [FileResult(None, f.problem) if f.problem else None for f in files]
     source.fetch([files[i] for i, _ in todo])
-    with open(rows, "wb") as f:
+    (tmp / "packs").mkdir()
+    with open(tmp / "rows.u8", "wb") as f:
         f.truncate(len(files) * settings.image_size ** 2)  # sparse: rows are written as they are decoded
-    job = _Job(str(rows), settings.image_size, settings.max_pixels, root.uri, index.verified(), os.getpid())
+    job = _Job(str(tmp), settings.image_size, settings.max_pixels, os.getpid())
     workers = min(workers or usable_cores(), max(1, len(todo) // 8))
     for i, r in progress(_read_all(todo, job, workers), len(todo), "ingest: read", "file"):
         results[i] = r
@@ -401,8 +403,8 @@ def _read_all(todo: list[tuple[int, str]], job: _Job, workers: int):
     if workers <= 1 or len(todo) < MIN_FILES_FOR_PROCESSES:
         reader = _Reader(job)
         try:
-            for i, path in todo:
-                yield i, reader.read(i, path)
+            for k in range(0, len(todo), 128):
+                yield from reader.read_chunk(todo[k:k + 128])
         finally:
             reader.close()
         return
@@ -426,26 +428,21 @@ def _read_all(todo: list[tuple[int, str]], job: _Job, workers: int):
 class VersionWriter:
     """The dataset version being written: where it goes, what it is made of, and with which settings."""
 
-    root: Store
-    sha: str
+    store: Store  # datasets/<sha>/
     source: LocalSource | S3Source
     classes: list[str]
     files: list[ImageFile]
     results: list[FileResult]
     settings: Settings
-    rows: Path  # decoded rows, file i at row i
+    tmp: Path  # rows.u8 and packs/ from read_files
     uploaded: int = 0
-
-    @property
-    def store(self) -> Store:
-        return self.root.child(f"datasets/{self.sha}")
 
     def write(self) -> dict:
         validation_sha, rejected = self.write_report()
         kept = [i for i, r in enumerate(self.results) if r.reason is None]
         splits, carved = self.check_and_split(kept)
         entries = self.entries(kept, splits)
-        objects = {"validation.json": validation_sha, **self.write_tensors(kept, entries)}
+        objects = {"validation.json": validation_sha, **self.write_packs(entries), **self.write_tensors(entries)}
         counts = {s: {c: sum(1 for e in entries if e["split"] == s and e["class"] == c) for c in self.classes}
                   for s in dict.fromkeys(e["split"] for e in entries)}
         manifest = {
@@ -457,8 +454,10 @@ class VersionWriter:
             "patients_in_train_and_test": validation.patients_in_both(entries), "synthetic": self.source.synthetic,
         }
         manifest["checksum"] = manifest_checksum(manifest)
-        self.store.put_bytes("manifest.json", json.dumps(manifest, indent=1).encode())  # last: marks completeness
-        self.uploaded += 1 + sum(r.uploaded for r in self.results)
+        self.store.put_chunks("manifest.json", canonical_json(manifest))  # last: marks completeness
+        self.uploaded += 1
+        for key in set(self.store.list("raw")) - set(objects):
+            self.store.delete(key)  # packs of an earlier, damaged or interrupted write
         return manifest
 
     def write_report(self) -> tuple[str, list[dict]]:
@@ -486,7 +485,7 @@ class VersionWriter:
                 "seed %d) out of train as the test set.", self.source.data, splits.count("test"), 100 * TEST_FRACTION,
                 self.settings.seed,
             )
-        shared = validation.patients_in_both([{"split": s, "patient": patient_id(f.path.name)}
+        shared = validation.patients_in_both([{"split": s, "patient": patient_id(f.name)}
                                               for f, s in zip(files, splits, strict=True)])
         if shared:
             log.warning("%d patients have images in both train and test: %s%s", len(shared), ", ".join(shared[:10]),
@@ -495,15 +494,27 @@ class VersionWriter:
 
     def entries(self, kept: list[int], splits: list[str]) -> list[dict]:
         rows: dict[str, int] = {}
+        packs: dict[str, str] = {}
         entries = []
         for i, split in zip(kept, splits, strict=True):
             f, r = self.files[i], self.results[i]
             entries.append({"path": f.relpath, "split": split, "class": f.label, "sha256": r.sha, "bytes": r.size,
-                            "patient": patient_id(f.path.name), "index": rows.setdefault(split, 0), "row": i})
+                            "patient": patient_id(f.name), "index": rows.setdefault(split, 0),
+                            "pack": packs.setdefault(r.pack, f"raw/{r.pack}"), "offset": r.offset, "row": i})
             rows[split] += 1
         return entries
 
-    def write_tensors(self, kept: list[int], entries: list[dict]) -> dict[str, str]:
+    def write_packs(self, entries: list[dict]) -> dict[str, str]:
+        """raw/<name>.pack: the readers' packs, streamed and hashed as they are uploaded."""
+        objects = {}
+        for key in sorted({e["pack"] for e in entries}):
+            digest = hashlib.sha256()
+            self.store.put_chunks(key, _hashed(_file_chunks(self.tmp / "packs" / key.removeprefix("raw/")), digest))
+            objects[key] = digest.hexdigest()
+            self.uploaded += 1
+        return objects
+
+    def write_tensors(self, entries: list[dict]) -> dict[str, str]:
         """tensors/<split>.npy streamed from the rows file (flat memory), hashed as they are written."""
         objects = {}
         for split in dict.fromkeys(e["split"] for e in entries):
@@ -521,9 +532,15 @@ class VersionWriter:
         np.lib.format.write_array_header_1_0(
             header, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), 1, size, size)})
         yield header.getvalue()
-        with open(self.rows, "rb") as f:
+        with open(self.tmp / "rows.u8", "rb") as f:
             for k in range(0, len(rows), per_chunk):
                 yield b"".join(os.pread(f.fileno(), size * size, i * size * size) for i in rows[k:k + per_chunk])
+
+
+def _file_chunks(path: Path, chunk: int = 8 * 1024 * 1024):
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            yield data
 
 
 def _hashed(chunks, digest):
@@ -539,18 +556,12 @@ def assign_splits(files: list[ImageFile], classes: list[str], seed: int) -> tupl
         return splits, False
     train = [i for i, f in enumerate(files) if f.split == "train"]
     labels = [classes.index(files[i].label) for i in train]
-    groups = [patient_id(files[i].path.name) or files[i].relpath for i in train]  # a patient never straddles
+    groups = [patient_id(files[i].name) or files[i].relpath for i in train]  # a patient never straddles
     held = grouped_holdout(labels, groups, TEST_FRACTION, seed)
     for i, h in zip(train, held, strict=True):
         if h:
             splits[i] = "test"
     return splits, True
-
-
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()
 
 
 def summary(uri: str, sha: str, manifest: dict, uploaded: int) -> dict:

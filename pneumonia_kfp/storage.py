@@ -69,6 +69,13 @@ class Store:
         """Write an object from a stream of byte chunks, never holding it whole in memory."""
         raise NotImplementedError
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``offset``."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``prefix`` (recursive), relative to the store root."""
         raise NotImplementedError
@@ -92,10 +99,11 @@ class FileStore(Store):
         self.uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+        # normpath, not resolve(): keys are ours (no symlinks to follow), and resolve() costs an lstat per part
+        path = os.path.normpath(os.path.join(self.root, key))
+        if path != str(self.root) and not path.startswith(str(self.root).rstrip(os.sep) + os.sep):
             raise StorageError(f"key {key!r} escapes the store {self.uri}")
-        return path
+        return Path(path)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -133,6 +141,16 @@ class FileStore(Store):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(key), path)
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
@@ -142,20 +160,20 @@ class FileStore(Store):
                 yield p.relative_to(self.root).as_posix()
 
     def signatures(self, prefix: str = "") -> dict[str, list]:
-        base = self._path(prefix) if prefix else self.root
-        found, dirs = {}, [base]
+        found, dirs = {}, [prefix.strip("/")]
         while dirs:  # scandir, not rglob: one stat per object (re-ingest lists every raw file)
+            rel = dirs.pop()
             try:
-                entries = list(os.scandir(dirs.pop()))
+                entries = list(os.scandir(self._path(rel) if rel else self.root))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for e in entries:
+                key = f"{rel}/{e.name}" if rel else e.name
                 if e.is_dir(follow_symlinks=False):
-                    dirs.append(e.path)
+                    dirs.append(key)
                 elif not e.name.startswith(".partial-"):
                     st = e.stat(follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode):
-                        key = os.path.relpath(e.path, self.root).replace(os.sep, "/")
                         found[key] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return found
 
@@ -233,6 +251,20 @@ class S3Store(Store):
                 resp.release_conn()
 
         return self._call(f"read {self.uri_of(key)}", fetch)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        def fetch():
+            resp = self.client.get_object(self.bucket, self._key(key), offset=offset, length=length)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(f"read {self.uri_of(key)}", fetch)
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {self.uri_of(key)}", self.client.remove_object, self.bucket, self._key(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._ensure_bucket()

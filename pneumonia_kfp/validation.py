@@ -17,10 +17,10 @@ from pneumonia_kfp.params import (
 )
 
 
-def load_image(source, size: int, max_pixels: int | None = None) -> np.ndarray:
+def load_image(source, size: int, max_pixels: int | None = None, min_side: int = 1) -> np.ndarray:
     """Decode fully, convert to 8-bit grayscale and resize to size×size (``source``: a path or a
-    binary file object). An image declaring more than ``max_pixels`` pixels is refused before it is
-    decoded (ValueError)."""
+    binary file object). An image declaring more than ``max_pixels`` pixels, or a side under
+    ``min_side``, is refused before it is decoded (ValueError)."""
     from PIL import Image
 
     with Image.open(source) as im:
@@ -28,6 +28,8 @@ def load_image(source, size: int, max_pixels: int | None = None) -> np.ndarray:
         if max_pixels is not None and w * h > max_pixels:
             raise ValueError(f"too large: {w}x{h} px = {w * h / 1e6:.0f} MP, over the pixel limit of "
                              f"{max_pixels / 1e6:g} MP ({MAX_PIXELS_ENV})")
+        if min(w, h) < min_side:
+            raise ValueError(f"too small: {w}x{h} px (minimum {min_side} px a side)")
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit grayscale: scale to 8 bit instead of clipping at 255
@@ -53,19 +55,16 @@ def check_image(data: bytes, size: int, max_pixels: int, min_side: int = MIN_SID
     # PIL refuses images over twice its own limit as bombs; ours is checked first, so align the two
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if min(im.size) < min_side:
-                return None, f"too small: {im.size[0]}x{im.size[1]} px (minimum {min_side} px a side)"
-        return load_image(io.BytesIO(data), size, max_pixels), None
+        return load_image(io.BytesIO(data), size, max_pixels, min_side), None
     except UnidentifiedImageError:
         return None, "not an image (no decoder recognises its content)"
     except Image.DecompressionBombError as e:
         return None, f"too large: {e}"
     except ValueError as e:
-        if str(e).startswith("too large"):
+        if str(e).startswith(("too large", "too small")):
             return None, str(e)
         return None, f"cannot be decoded: {e}"
-    except Exception as e:  # noqa: BLE001 - hostile bytes: whatever the decoder raises, the file is rejected
+    except Exception as e:  # hostile bytes: whatever the decoder raises, the file is rejected, never a traceback
         return None, f"cannot be decoded: {e or type(e).__name__}"
 
 

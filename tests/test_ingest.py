@@ -62,11 +62,15 @@ def test_every_object_of_a_version_has_its_sha256_in_the_manifest(image_folder, 
     manifest = json.loads(store.get_bytes(f"datasets/{info['sha']}/manifest.json"))
     assert manifest["checksum"] == manifest_checksum(manifest)
     version_keys = {k.split("/", 2)[2] for k in store.list(f"datasets/{info['sha']}")} - {"manifest.json"}
-    assert set(manifest["objects"]) == version_keys == {"validation.json", "tensors/train.npy", "tensors/test.npy"}
+    packs = {k for k in version_keys if k.startswith("raw/") and k.endswith(".pack")}
+    assert set(manifest["objects"]) == version_keys == {"validation.json", "tensors/train.npy", "tensors/test.npy",
+                                                        *packs} and packs
     for key, want in manifest["objects"].items():  # recomputed here, independently of the reader
         assert hashlib.sha256(store.get_bytes(f"datasets/{info['sha']}/{key}")).hexdigest() == want
-    for e in manifest["files"]:
-        assert hashlib.sha256(store.get_bytes(f"objects/{e['sha256']}")).hexdigest() == e["sha256"]
+    for e in manifest["files"]:  # every original file, byte for byte, at its place in its pack
+        pack = store.get_bytes(f"datasets/{info['sha']}/{e['pack']}")
+        assert pack[e["offset"]:e["offset"] + e["bytes"]] == (image_folder / e["path"]).read_bytes()
+        assert hashlib.sha256((image_folder / e["path"]).read_bytes()).hexdigest() == e["sha256"]
 
 
 def test_reingest_of_unchanged_data_reads_no_file_and_uploads_nothing(data, tmp_path, reads):
@@ -77,7 +81,7 @@ def test_reingest_of_unchanged_data_reads_no_file_and_uploads_nothing(data, tmp_
     before = {k: (tmp_path / "store" / k).stat().st_mtime_ns for k in store.list() if "ingest-index" not in k}
     reads.clear()
     again = ingest(str(data), storage, image_size=32, workers=1)
-    assert first["uploaded"] > 80 and again["uploaded"] == 0 and again["sha"] == first["sha"]
+    assert first["uploaded"] == 5 and again["uploaded"] == 0 and again["sha"] == first["sha"]
     assert reads == []  # a stat per file, no read
     assert {k: (tmp_path / "store" / k).stat().st_mtime_ns for k in store.list() if "ingest-index" not in k} == before
 
@@ -94,7 +98,7 @@ def test_a_touched_file_is_hashed_again_and_its_content_decides(data, tmp_path, 
     victim.write_bytes(victim.read_bytes() + b"\0")  # trailing byte: same pixels, new content
     changed = ingest(str(data), storage, image_size=32, workers=1)
     assert changed["sha"] != first["sha"]
-    assert changed["uploaded"] == 1 + 2 + 2  # the one new raw object; tensors, report, manifest
+    assert changed["uploaded"] == 5  # a new version: report, pack, two tensors, manifest
 
 
 def test_worker_processes_give_the_same_version_as_one_process(tmp_path):
@@ -103,9 +107,17 @@ def test_worker_processes_give_the_same_version_as_one_process(tmp_path):
     parallel = ingest(str(data), (tmp_path / "b").as_uri(), image_size=32, workers=2)
     assert serial["sha"] == parallel["sha"]
     for split in ("train", "test"):
-        xs, ys, es = StoredDataset(serial["uri"]).split(split)
-        xp, yp, ep = StoredDataset(parallel["uri"]).split(split)
-        assert (xs == xp).all() and (ys == yp).all() and es == ep
+        one, two = StoredDataset(serial["uri"]), StoredDataset(parallel["uri"])
+        (xs, ys, es), (xp, yp, ep) = one.split(split), two.split(split)
+        assert (xs == xp).all() and (ys == yp).all()
+
+        def where(e):
+            return {k: v for k, v in e.items() if k not in ("pack", "offset")}
+
+        assert [where(e) for e in es] == [where(e) for e in ep]
+        assert all(one.raw(a) == two.raw(b) for a, b in zip(es, ep, strict=True))
+    packs = {e["pack"] for e in StoredDataset(parallel["uri"]).manifest["files"]}
+    assert len(packs) == 2  # one pack per worker process
 
 
 @pytest.mark.parametrize("target", ["tensors/train.npy", "validation.json", "raw", "manifest.json"])
@@ -114,13 +126,14 @@ def test_flipped_bytes_are_found_by_readers_and_repaired_by_reingesting(data, tm
     info = ingest(str(data), storage, image_size=32)
     ds = StoredDataset(info["uri"])
     x_before, _, entries = ds.split("train")
-    key = f"datasets/{info['sha']}/{target}" if target != "raw" else f"objects/{entries[3]['sha256']}"
+    key = f"datasets/{info['sha']}/{target if target != 'raw' else entries[3]['pack']}"
     path = tmp_path / "store" / key
     good = path.read_bytes()
+    at = entries[3]["offset"] if target == "raw" else max(0, len(good) // 2 - 2048)
     with open(path, "r+b") as f:  # flip 4 KB (or all of a smaller object) in place
-        f.seek(max(0, len(good) // 2 - 2048))
+        f.seek(at)
         chunk = f.read(4096)
-        f.seek(max(0, len(good) // 2 - 2048))
+        f.seek(at)
         f.write(bytes(b ^ 0xFF for b in chunk))
     with pytest.raises(IntegrityError) as e:
         reader = StoredDataset(info["uri"])
@@ -131,9 +144,13 @@ def test_flipped_bytes_are_found_by_readers_and_repaired_by_reingesting(data, tm
     assert key.split("/")[-1] in message and "damaged" in message and "pneumonia-kfp ingest --data" in message
     again = ingest(str(data), storage, image_size=32)  # the same data again repairs it in place
     assert again["sha"] == info["sha"] and again["uploaded"] > 0
-    assert path.read_bytes() == good
     repaired = StoredDataset(info["uri"])
-    assert (repaired.split("train")[0] == x_before).all() and repaired.raw(entries[3])
+    assert (repaired.split("train")[0] == x_before).all()
+    assert repaired.raw(repaired.entries("train")[3]) == (data / entries[3]["path"]).read_bytes()
+    if target in ("tensors/train.npy", "validation.json"):  # rewritten byte for byte
+        assert path.read_bytes() == good
+    elif target == "raw":  # a pack is rewritten under a new name, the damaged one removed
+        assert not path.exists()
 
 
 def test_a_deleted_object_is_missing_for_readers_and_rewritten_by_reingest(data, tmp_path):
