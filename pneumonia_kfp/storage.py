@@ -219,6 +219,8 @@ class S3Store(Store):
             raise self._unreachable(what, e.reason or e) from None
         except (HTTPError, OSError) as e:
             raise self._unreachable(what, e) from None
+        except ValueError as e:  # the client refuses a name before sending anything
+            raise StorageError(f"{what}: {e}") from None
 
     def _unreachable(self, what: str, e: BaseException) -> StorageError:
         return StorageError(f"{what}: S3 endpoint {self.endpoint} is unreachable ({type(e).__name__}). "
@@ -384,6 +386,14 @@ def check_uri(uri: str, what: str = "storage") -> str:
     parsed = urlparse(uri)
     if parsed.scheme == "s3" and not parsed.netloc:
         raise StorageError(f"{what} URI {uri!r} names no bucket: use s3://bucket/prefix")
+    if parsed.scheme == "s3":
+        from minio.helpers import check_bucket_name
+
+        try:
+            check_bucket_name(parsed.netloc, s3_check=True)
+        except ValueError as e:
+            raise StorageError(f"{what} URI {uri!r}: {e} (S3 bucket names are 3-63 lowercase letters, digits, "
+                               "dots and hyphens)") from None
     if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
         raise StorageError(f"{what} URI {uri!r} names the host {parsed.netloc!r}, which a file URI cannot "
                            f"reach: use file:///abs/path (three slashes) for a local directory")
