@@ -52,20 +52,21 @@ def check_image(data: bytes, size: int, max_pixels: int, min_side: int = MIN_SID
 
     if not data:
         return None, "zero-byte file"
-    # PIL refuses images over twice its own limit as bombs; ours is checked first, so align the two
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # our limit is checked on the header, before anything is decoded; PIL's own (a warning, then an
+    # error at twice its limit) would only say the same less clearly
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         return load_image(io.BytesIO(data), size, max_pixels, min_side), None
     except UnidentifiedImageError:
         return None, "not an image (no decoder recognises its content)"
-    except Image.DecompressionBombError as e:
-        return None, f"too large: {e}"
     except ValueError as e:
         if str(e).startswith(("too large", "too small")):
             return None, str(e)
         return None, f"cannot be decoded: {e}"
     except Exception as e:  # hostile bytes: whatever the decoder raises, the file is rejected, never a traceback
         return None, f"cannot be decoded: {e or type(e).__name__}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def rejection_error(rejected: list[dict], total: int) -> DataError:
