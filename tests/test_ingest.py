@@ -225,3 +225,34 @@ def test_grayscale_conversion_of_other_modes(tmp_path):
     assert load_image(tmp_path / "rgba.png", 8).mean() == pytest.approx(200, abs=1)
     g16 = load_image(tmp_path / "gray16.png", 20)
     assert g16.min() == 0 and g16.max() == 255  # scaled from 16 bit, not clipped
+
+
+def test_a_file_swapped_during_ingest_is_consistent_and_seen_next_time(data, tmp_path, monkeypatch):
+    victim = sorted((data / "train" / "PNEUMONIA").iterdir())[0]
+    relpath = victim.relative_to(data).as_posix()
+    image_a, image_b = victim.read_bytes(), sorted((data / "train" / "PNEUMONIA").iterdir())[1].read_bytes()
+    original = ingest_module._Reader.read
+
+    def read_then_swap(self, i, path):
+        result = original(self, i, path)
+        if path == str(victim):  # swapped for another image right after ingest read it
+            (data / "swap.tmp").write_bytes(image_b)
+            os.replace(data / "swap.tmp", victim)
+        return result
+
+    monkeypatch.setattr(ingest_module._Reader, "read", read_then_swap)
+    storage = (tmp_path / "store").as_uri()
+    first = ingest(str(data), storage, image_size=32, workers=1)
+    ds = StoredDataset(first["uri"])
+    [entry] = [e for e in ds.manifest["files"] if e["path"] == relpath]
+    # hash, raw bytes and tensor row all come from the one read: image A, throughout
+    assert entry["sha256"] == hashlib.sha256(image_a).hexdigest() and ds.raw(entry) == image_a
+    tmp = tmp_path / "a.jpeg"
+    tmp.write_bytes(image_a)
+    assert (ds.split("train")[0][entry["index"], 0] == load_image(tmp, 32)).all()
+    monkeypatch.undo()
+    time.sleep(RACY_NS / 1e9)
+    again = ingest(str(data), storage, image_size=32, workers=1)  # the swap changed the stat: read again
+    assert again["sha"] != first["sha"]
+    [entry] = [e for e in StoredDataset(again["uri"]).manifest["files"] if e["path"] == relpath]
+    assert entry["sha256"] == hashlib.sha256(image_b).hexdigest()
