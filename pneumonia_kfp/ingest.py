@@ -151,6 +151,7 @@ def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] |
     except IntegrityError as e:
         log.warning("%s: rewriting the version in place", e)
         return None
+    index.verified(manifest_key, current[manifest_key])
     damaged = index.damaged(root, sha, manifest, current)
     if damaged:
         log.warning("dataset %s: %d damaged or missing object(s) (%s): rewriting the version in place",
@@ -282,11 +283,16 @@ class Index:
                 bad.append(key)
             elif self.objects.get(key) != list(sig):
                 if _sha256_of(root, key) == want:
-                    self.objects[key] = list(sig)
-                    self.dirty.add(self.OBJECTS)
+                    self.verified(key, sig)
                 else:
                     bad.append(key)
         return bad
+
+    def verified(self, key: str, signature) -> None:
+        """Record that the object ``key``, as its ``signature`` shows it now, has been checked."""
+        if self.objects.get(key) != list(signature):
+            self.objects[key] = list(signature)
+            self.dirty.add(self.OBJECTS)
 
     def verified_now(self, root: Store, sha: str, manifest: dict) -> None:
         """Record the signatures of a version's objects, just written and hashed as they were."""
@@ -294,8 +300,7 @@ class Index:
         for name in [*manifest["objects"], "manifest.json"]:
             key = f"datasets/{sha}/{name}"
             if key in current:
-                self.objects[key] = list(current[key])
-        self.dirty.add(self.OBJECTS)
+                self.verified(key, current[key])
 
     def save(self) -> None:
         for key in sorted(self.dirty):
