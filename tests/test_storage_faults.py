@@ -72,8 +72,8 @@ def test_a_non_s3_endpoint_is_one_line(tmp_path, monkeypatch, s3_env):
 
         make_synthetic(data, {"train": 4, "test": 2}, size=40)
         out = subprocess.run([sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data", str(data),
-                              "--storage", "s3://some-bucket/p", "--image-size", "32"], env=env, capture_output=True, text=True,
-                             timeout=120)
+                              "--storage", "s3://some-bucket/p", "--image-size", "32"], env=env, capture_output=True,
+                             text=True, timeout=120)
     finally:
         server.shutdown()
     assert out.returncode == 2 and "Traceback" not in out.stderr
