@@ -36,12 +36,13 @@ def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
     from pneumonia_kfp.data import DataError, StoredDataset
     from pneumonia_kfp.metrics import classification_report, roc_points
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = load_checkpoint(checkpoint_path, device)
     ds = StoredDataset(dataset_uri)
     x, y, _ = ds.split("test")
-    if len(y) == 0:
-        raise DataError(f"{dataset_uri} has no test images: ingest a dataset with a test/ split to evaluate on")
+    if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
+        raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
+                        f"the test split needs images of each of {', '.join(ds.classes)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_checkpoint(checkpoint_path, device)
     prob = predict(model, x, meta["mean"], meta["std"])
     return {
         "backbone": meta["backbone"], "image_size": meta["image_size"], "epochs": meta["epochs"],
