@@ -104,6 +104,18 @@ def check_output(out: Path) -> Path:
     return out
 
 
+def keep_models_and_predictions(task, results: dict, out: Path) -> None:
+    """OUT/predictions.csv, and each model directory (checkpoint + exported forms) as OUT/models/<backbone>/;
+    results.json then names those copies instead of the runner's artifact paths."""
+    shutil.copyfile(task.outputs["predictions"].path, out / "predictions.csv")
+    for m in results["models"]:
+        src = m.get("model_uri")
+        if src and Path(src).is_dir():
+            dest = out / "models" / m["backbone"]
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+            m["model_uri"] = str(dest)
+
+
 def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> int:
     from kfp import local
 
@@ -143,6 +155,7 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
 
     results = json.loads(Path(task.outputs["results"].path).read_text())
     results["wall_seconds"] = wall
+    keep_models_and_predictions(task, results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(task.outputs["report_md"].path, out / "report.md")
     shutil.copyfile(task.outputs["report_html"].path, out / "report.html")
@@ -156,7 +169,7 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
     if results["dataset"].get("synthetic"):
         lines.append(SYNTHETIC_WARNING)
     lines.append(f"Results: {out / 'results.json'}\nReport:  {out / 'report.md'}\n         {out / 'report.html'}\n"
-                 f"Log:     {log_path}")
+                 f"Predictions: {out / 'predictions.csv'}\nModels:  {out / 'models'}\nLog:     {log_path}")
     # sys.stdout, not print: kfp's local runner leaves builtins.print patched to indent task logs
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

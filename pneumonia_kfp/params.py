@@ -18,6 +18,8 @@ SEED_BACKBONES = ("resnext50_32x4d", "densenet161", "resnet18", "resnet50", "eff
 MIN_IMAGE_SIZE = 32  # px a side: CNN backbones downsample 32x, smaller inputs vanish before the head
 MAX_IMAGE_SIZE = 1024  # px a side: a 224 px Kermany set is 0.3 GB of uint8 tensors; 1024 px would be 6 GB
 ON_INVALID = ("fail", "skip")
+# how the default decision threshold is chosen from validation predictions (pneumonia_kfp.metrics)
+THRESHOLD_RULES = ("balanced", "youden", "sensitivity95")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,12 @@ PARAMS: tuple[Param, ...] = (
     Param("on_invalid", str, "fail", "a file that does not decode: stop the run (fail) or leave it out (skip)",
           choices=ON_INVALID),
     Param("compile_model", bool, False, "torch.compile the model for training"),
+    Param("threshold_rule", str, "balanced", "default decision threshold: balanced (0.5 under the class-balanced "
+          "loss), youden (max sensitivity + specificity on validation) or sensitivity95 (validation sensitivity "
+          ">= 0.95); every rule is reported", choices=THRESHOLD_RULES),
+    Param("tta", bool, False, "test-time augmentation: average the probability over 5 shifted/zoomed views"),
+    Param("external_data", str, "", "a second ImageFolder (its test/ or class folders) every model is also "
+          "scored on: a directory, file:// or s3://"),
     Param("max_parallel", int, 2, "training tasks at a time (fixed when the pipeline is compiled)",
           minimum=1, maximum=64, pipeline=False),
 )
