@@ -16,7 +16,8 @@ from pneumonia_kfp.pipelines.settings import Settings
 
 PIPELINE_NAME = "pneumonia-kfp"
 
-Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML)])
+Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML),
+                                 ("predictions", dsl.Artifact)])
 
 
 def build_pipeline(max_parallel: int = default("max_parallel"), settings: Optional[Settings] = None):
@@ -36,13 +37,15 @@ def build_pipeline(max_parallel: int = default("max_parallel"), settings: Option
                 dataset=ingest.outputs["dataset"], backbone=backbone, epochs=p["epochs"], batch_size=p["batch_size"],
                 learning_rate=p["learning_rate"], seed=p["seed"], pretrained=p["pretrained"],
                 pretrained_weights=p["pretrained_weights"], compile_model=p["compile_model"],
+                threshold_rule=p["threshold_rule"], tta=p["tta"],
             )
-            evaluate = evaluate_op(dataset=ingest.outputs["dataset"], model=train.outputs["model"])
+            evaluate = evaluate_op(dataset=ingest.outputs["dataset"], model=train.outputs["model"],
+                                   external_data=p["external_data"])
         report = report_op(dataset=ingest.outputs["dataset"], results=dsl.Collected(evaluate.outputs["results"]))
         if settings is not None:
             configure(settings, ingest=ingest, train=train, evaluate=evaluate, report=report)
         return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
-                       report_html=report.outputs["html"])
+                       report_html=report.outputs["html"], predictions=report.outputs["predictions"])
 
     pneumonia_pipeline.__signature__ = pipeline_signature(Outputs)
     pneumonia_pipeline.__doc__ = pipeline_docstring("Chest X-ray pneumonia classifiers: train and compare backbones.")
