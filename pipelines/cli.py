@@ -12,6 +12,7 @@ from pathlib import Path
 from pneumonia_kfp.errors import PneumoniaKfpError
 from pneumonia_kfp.params import PARAMS, check_run_params, from_args
 from pneumonia_kfp.params import add_arguments as add_params
+from pneumonia_kfp.telemetry import progress_mode
 
 # the parameters each command takes, all defined in pneumonia_kfp.params
 RUN_LOCAL_PARAMS = [p.name for p in PARAMS]
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
     try:
+        progress_mode()  # a bad PNEUMONIA_KFP_PROGRESS fails here, not inside a task
         return args.func(args)
     except PneumoniaKfpError as e:
         print(f"pneumonia-kfp {args.command}: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +35,13 @@ class ConsoleFilter(io.TextIOBase):
 
     def __init__(self, log, console):
         self.log, self.console, self.pending, self.last_error = log, console, "", None
+        self.lock = threading.Lock()  # ParallelFor iterations log from several threads
 
     def write(self, text: str) -> int:
+        with self.lock:
+            return self._write(text)
+
+    def _write(self, text: str) -> int:
         self.log.write(text)
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
@@ -79,14 +85,15 @@ def cpu_estimate(params: dict, images: int) -> str | None:
     for name in params["backbones"]:
         model = create_backbone(name, num_classes=2)
         opt = torch.optim.AdamW(model.parameters())
-        x = torch.randn(4, 1, params["image_size"], params["image_size"])
-        y = torch.tensor([0, 1, 0, 1])
+        batch = min(8, params["batch_size"])  # small enough to measure in seconds, big enough to be representative
+        x = torch.randn(batch, 1, params["image_size"], params["image_size"])
+        y = torch.arange(batch) % 2
         for _i in range(2):  # the first step warms up allocators and kernels
             start = time.perf_counter()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
-        seconds += (time.perf_counter() - start) / 4 * images * params["epochs"]
+        seconds += (time.perf_counter() - start) / batch * images * params["epochs"]
     # parallel tasks share the same cores, so the wall time is about the sum
     return f"about {seconds / 60:.0f} min" if seconds >= 60 else f"about {seconds:.0f} s"
 

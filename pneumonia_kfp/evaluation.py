@@ -149,7 +149,7 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
     ds = StoredDataset(dataset_uri)
     x, y, entries = ds.split("test")
     if len(y) == 0:
-        raise DataError(f"{dataset_uri} has no test images")
+        raise DataError(f"{dataset_uri} has no test images: ingest a dataset with a test/ split to evaluate on")
     tta = meta.get("tta", False)
     predictions = {"test": predictions_block(entries, y, predict_probs(model, x, meta["mean"], meta["std"], tta))}
     if external_data:

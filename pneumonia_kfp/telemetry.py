@@ -44,6 +44,8 @@ import os
 import sys
 import time
 
+from pneumonia_kfp.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 ENV_PUSHGATEWAY = "PNEUMONIA_KFP_PUSHGATEWAY"
@@ -219,7 +221,7 @@ def _columns(out) -> int:
 def progress_mode() -> str:
     mode = os.environ.get(ENV_PROGRESS, "auto").strip().lower() or "auto"
     if mode not in ("auto", "bar", "log", "off"):
-        raise ValueError(f"{ENV_PROGRESS}={mode!r}: use auto, bar, log or off")
+        raise UsageError(f"{ENV_PROGRESS}={mode!r}: use auto, bar, log or off")
     return mode
 
 

@@ -3,7 +3,9 @@ import socket
 import pytest
 
 from pneumonia_kfp.synthetic import make_synthetic
-from tests.pushgateway import pushgateway  # noqa: F401 - a fixture, shared
+
+pytest_plugins = ["tests.pushgateway"]  # its `pushgateway` fixture, for every test module
+
 
 
 def free_port() -> int:
