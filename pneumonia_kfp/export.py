@@ -78,6 +78,8 @@ def _export_onnx(module, example, dynamic, path: Path, info: dict) -> None:
     import onnx
     import torch
 
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's pass-by-pass INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic, input_names=["images"],
