@@ -231,10 +231,9 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for i, m in enumerate(results["models"]):
         t = m["test"]
-        style = "k--" if m.get("members") else "-"
-        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=None if m.get("members") else f"C{i % 10}",
-                label=f"{m['backbone']} (AUC {t['auc']:.3f})")
-        ax.plot([1 - t["specificity"]], [t["recall"]], "o", color="k" if m.get("members") else f"C{i % 10}", ms=5)
+        color, style = ("k", "--") if m.get("members") else (f"C{i % 10}", "-")  # the ensemble: black, dashed
+        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {t['auc']:.3f})")
+        ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=color, ms=5)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test (dots: chosen thresholds)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
