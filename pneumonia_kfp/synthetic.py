@@ -34,11 +34,11 @@ def _xray(rng: np.random.Generator, size: int, pneumonia: bool) -> np.ndarray:
     ribs = 0.04 * np.sin(yy * 2 * np.pi * 8 + rng.uniform(0, 2 * np.pi)) * lungs
     img = 0.15 + 0.6 * body - 0.45 * lungs + ribs + 0.3 * _blob(xx, yy, 0.5, 0.5, 0.05, 0.6, flat=2)
     if pneumonia:  # consolidations: a few soft patches of different size within one or both lungs
-        for _ in range(rng.integers(2, 6)):
+        for _ in range(rng.integers(3, 7)):
             cx = rng.choice((0.31, 0.69)) + rng.uniform(-0.07, 0.07)
             cy = 0.48 + rng.uniform(-0.18, 0.2)
             r = rng.uniform(0.05, 0.1)
-            img += rng.uniform(0.3, 0.5) * _blob(xx, yy, cx, cy, r, r * rng.uniform(0.7, 1.4)) * lungs
+            img += rng.uniform(0.35, 0.6) * _blob(xx, yy, cx, cy, r, r * rng.uniform(0.7, 1.4)) * lungs
     img = rng.uniform(0.75, 1.25) * (img - img.mean()) + img.mean() + rng.uniform(-0.08, 0.08)  # contrast, exposure
     img += rng.normal(0, rng.uniform(0.03, 0.08), img.shape)  # quantum noise
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)

@@ -19,6 +19,11 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     captured = capfd.readouterr()  # fd-level: the task subprocesses' logs too
     printed = captured.out
     assert str(out / "results.json") in printed and str(out / "report.html") in printed
+    # the console has stage, progress and result lines; the executors' JSON dumps are in the log file
+    log = (out / "run-local.log").read_text()
+    assert "executor_input" in log and "executor_input" not in printed and '"inputs"' not in printed
+    assert printed.count("Executing task") == 2 * 2 + 2  # ingest, report, and train + evaluate per backbone
+    assert len(printed.splitlines()) < len(log.splitlines()) / 4
     store = open_store("s3://pipeline-bucket/e2e")
     # the credentials reach the tasks only through the environment: in no log line, no artifact
     for secret in ("test-access-key", "test-secret-key"):
