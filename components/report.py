@@ -1,4 +1,4 @@
-"""report step: every model's results side by side, read from the run's folder in the store."""
+"""report step: every model's results side by side, read from the run's folder in the store, plus their ensemble."""
 from typing import List
 
 from kfp import dsl
@@ -9,28 +9,36 @@ from pneumonia_kfp.components.kfp_defaults import component
 @component
 def report_op(
     dataset: dsl.Input[dsl.Dataset], run_dir: str, backbones: List[str], markdown: dsl.Output[dsl.Markdown],
-    html: dsl.Output[dsl.HTML], summary: dsl.Output[dsl.Artifact],
+    html: dsl.Output[dsl.HTML], summary: dsl.Output[dsl.Artifact], predictions: dsl.Output[dsl.Artifact],
+    ensemble_metrics: dsl.Output[dsl.Metrics], ensemble_classification: dsl.Output[dsl.ClassificationMetrics],
 ):
-    """Compare every backbone: Markdown and HTML for the UI, and the combined results.json.
+    """Compare every backbone and their ensemble: Markdown and HTML for the UI, results.json, predictions CSV.
 
     Args:
-        dataset: the ingested dataset version (counts and provenance for the report's header).
+        dataset: the ingested dataset version (counts and provenance; test images for the error thumbnails).
         run_dir: the run's folder in the store, where every evaluate wrote its model's results JSON.
         backbones: the backbones this run trained, one results JSON each.
         markdown: the comparison as Markdown.
         html: the comparison as one self-contained HTML page (inline figures, no network).
-        summary: results.json: the dataset, every model and the best one by validation.
+        summary: results.json: the dataset, every model, the ensemble and the best one by validation.
+        predictions: per-image CSV: split, file, patient, label, probability of each model and the ensemble.
+        ensemble_metrics: the ensemble's test scalars (empty with one backbone).
+        ensemble_classification: the ensemble's test confusion matrix and ROC (empty with one backbone).
     """
     import json
 
-    from pneumonia_kfp.report import report
+    from pneumonia_kfp.evaluation import ENSEMBLE, log_ui_metrics
+    from pneumonia_kfp.report import report_from_store
     from pneumonia_kfp.runs import load_results
 
     models = load_results(run_dir, backbones)
     with open(dataset.path) as f:
         info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
-    combined, md, page = report(info, models)
-    for artifact, text in ((markdown, md), (html, page), (summary, json.dumps(combined, indent=1))):
+    combined, md, page, csv = report_from_store(info, models)
+    for artifact, text in ((markdown, md), (html, page), (summary, json.dumps(combined, indent=1)), (predictions, csv)):
         with open(artifact.path, "w") as f:
             f.write(text)
     summary.metadata["best"] = combined["best"]["backbone"]
+    for m in combined["models"]:
+        if m["backbone"] == ENSEMBLE:
+            log_ui_metrics(m, ensemble_metrics, ensemble_classification)

@@ -1,4 +1,4 @@
-"""train step: one timm backbone; best epoch and threshold chosen on validation."""
+"""train step: one timm backbone; best epoch and thresholds chosen on validation; exported forms."""
 from kfp import dsl
 
 from pneumonia_kfp.components.kfp_defaults import component
@@ -7,8 +7,8 @@ from pneumonia_kfp.components.kfp_defaults import component
 @component
 def train_op(
     dataset: dsl.Input[dsl.Dataset], backbone: str, epochs: int, batch_size: int, learning_rate: float,
-    seed: int, pretrained: bool, pretrained_weights: str, compile_model: bool, model: dsl.Output[dsl.Model],
-    torchscript: dsl.Output[dsl.Model],
+    seed: int, pretrained: bool, pretrained_weights: str, compile_model: bool, threshold_rule: str, tta: bool,
+    model: dsl.Output[dsl.Model],
 ):
     """Train one timm backbone on the ingested dataset (GPU with AMP when present).
 
@@ -22,18 +22,22 @@ def train_op(
         pretrained: start from ImageNet weights (timm hub, or pretrained_weights).
         pretrained_weights: weights file or store URI for air-gapped clusters; empty: the hub.
         compile_model: torch.compile the model for training.
-        model: the selected epoch's checkpoint, with threshold and validation metrics.
-        torchscript: the same model as TorchScript (uint8 images in, P(positive) out).
+        threshold_rule: which validation-chosen threshold is the default (balanced, youden, sensitivity95).
+        tta: predict with test-time augmentation (validation thresholds and evaluation alike).
+        model: a directory: checkpoint.pt (the selected epoch, thresholds, validation predictions),
+            model.pt2 (torch.export) and model.onnx (uint8 images in, P(positive) out), metadata.json.
     """
     import logging
+    import os
 
-    from pneumonia_kfp.export import export_torchscript
+    from pneumonia_kfp.export import CHECKPOINT, export_model
     from pneumonia_kfp.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    meta = train(dataset.metadata["uri"], backbone, model.path, epochs=epochs, batch_size=batch_size,
-                 learning_rate=learning_rate, seed=seed, pretrained=pretrained, weights=pretrained_weights,
-                 compile_model=compile_model)
-    model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "image_size", "epochs",
-                                                "pretrained", "seconds", "images_per_second")})
-    torchscript.metadata.update(export_torchscript(model.path, torchscript.path))
+    os.makedirs(model.path, exist_ok=True)
+    meta = train(dataset.metadata["uri"], backbone, os.path.join(model.path, CHECKPOINT), epochs=epochs,
+                 batch_size=batch_size, learning_rate=learning_rate, seed=seed, pretrained=pretrained,
+                 weights=pretrained_weights, compile_model=compile_model, threshold_rule=threshold_rule, tta=tta)
+    model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "threshold_rule", "image_size",
+                                                "epochs", "pretrained", "seconds", "images_per_second")})
+    model.metadata["formats"] = export_model(model.path)["formats"]

@@ -35,6 +35,17 @@ def ingest_cmd(args) -> int:
     return 0
 
 
+def evaluate_cmd(args) -> int:
+    from pneumonia_kfp.evaluation import evaluate_folder
+
+    results = evaluate_folder(args.model, args.data, Path(args.output))
+    t = results["models"][0]["test"]
+    print(f"accuracy {t['accuracy']:.4f}  F1 {t['f1']:.4f}  sensitivity {t['recall']:.4f}  "
+          f"specificity {t['specificity']:.4f}  AUC {t['auc']:.4f}  (n = {t['n']})")
+    print(Path(args.output) / "results.json")
+    return 0
+
+
 def compile_pipeline(args, output: str):
     """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``;
     the settings."""
@@ -91,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")
     add_params(i, INGEST_PARAMS, required=("data", "storage"))
     i.set_defaults(func=ingest_cmd)
+
+    e = sub.add_parser("evaluate", help="score a trained model on another ImageFolder (its test/ or class folders)")
+    e.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
+    e.add_argument("--data", required=True, help="ImageFolder: DIR/test/<class>/* or DIR/<class>/* (a directory "
+                   "or s3:// prefix)")
+    e.add_argument("--output", required=True, help="where results.json, report.md, report.html, predictions.csv go")
+    e.set_defaults(func=evaluate_cmd)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")
     c.add_argument("-o", "--output", default="pipeline.yaml", help="the YAML file to write (default: pipeline.yaml)")

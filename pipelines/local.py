@@ -170,6 +170,18 @@ def check_output(out: Path) -> Path:
     return out
 
 
+def keep_models_and_predictions(task, results: dict, out: Path) -> None:
+    """OUT/predictions.csv, and each model directory (checkpoint + exported forms) as OUT/models/<backbone>/;
+    results.json then names those copies instead of the runner's artifact paths."""
+    shutil.copyfile(task.outputs["predictions"].path, out / "predictions.csv")
+    for m in results["models"]:
+        src = m.get("model_uri")
+        if src and Path(src).is_dir():
+            dest = out / "models" / m["backbone"]
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+            m["model_uri"] = str(dest)
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STATE_DIR = ".run-local"  # under OUT: the runner's spec, workspace and the tasks' temporary files
 
@@ -310,6 +322,7 @@ def run_pipeline(params: dict, out: Path, workspace: Path) -> None:
 
     results = json.loads(Path(task.outputs["results"].path).read_text())
     results["wall_seconds"] = wall
+    keep_models_and_predictions(task, results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(task.outputs["report_md"].path, out / "report.md")
     shutil.copyfile(task.outputs["report_html"].path, out / "report.html")
@@ -323,7 +336,7 @@ def run_pipeline(params: dict, out: Path, workspace: Path) -> None:
     if results["dataset"].get("synthetic"):
         lines.append(SYNTHETIC_WARNING)
     lines.append(f"Results: {out / 'results.json'}\nReport:  {out / 'report.md'}\n         {out / 'report.html'}\n"
-                 f"Log:     {log_path}")
+                 f"Predictions: {out / 'predictions.csv'}\nModels:  {out / 'models'}\nLog:     {log_path}")
     # sys.stdout, not print: kfp's local runner leaves builtins.print patched to indent task logs
     sys.stdout.write("\n".join(lines) + "\n")
 

@@ -41,20 +41,23 @@ from pneumonia_kfp.pipelines.settings import Settings
 log = logging.getLogger(__name__)
 PIPELINE_NAME = "pneumonia-kfp"
 # the run parameters train takes besides the dataset and its backbone
-TRAIN_PARAMS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "pretrained_weights", "compile_model")
+TRAIN_PARAMS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "pretrained_weights", "compile_model",
+                "threshold_rule", "tta")
 
-Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML)])
+Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML),
+                                 ("predictions", dsl.Artifact)])
 
 
 def _models_pipeline(max_parallel: int, settings: Optional[Settings]):
     """The sub-pipeline: one train -> evaluate per backbone, at most ``max_parallel`` at a time."""
-    names = ("dataset", "run_dir", "backbones") + TRAIN_PARAMS
+    names = ("dataset", "run_dir", "backbones", "external_data") + TRAIN_PARAMS
 
     def train_and_evaluate(*values):
         p = dict(zip(names, values, strict=True))
         with dsl.ParallelFor(p["backbones"], parallelism=max_parallel) as backbone:
             train = train_op(dataset=p["dataset"], backbone=backbone, **{n: p[n] for n in TRAIN_PARAMS})
-            evaluate = evaluate_op(dataset=p["dataset"], model=train.outputs["model"], run_dir=p["run_dir"])
+            evaluate = evaluate_op(dataset=p["dataset"], model=train.outputs["model"], run_dir=p["run_dir"],
+                                   external_data=p["external_data"])
         if settings is not None:
             configure(settings, train=train, evaluate=evaluate)
 
@@ -62,7 +65,8 @@ def _models_pipeline(max_parallel: int, settings: Optional[Settings]):
         return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
 
     train_and_evaluate.__signature__ = inspect.Signature(
-        [param("dataset", dsl.Input[dsl.Dataset]), param("run_dir", str), param("backbones", List[str])]
+        [param("dataset", dsl.Input[dsl.Dataset]), param("run_dir", str), param("backbones", List[str]),
+         param("external_data", str)]
         + [param(n, BY_NAME[n].type) for n in TRAIN_PARAMS])
     train_and_evaluate.__doc__ = "Train and evaluate every backbone (a ParallelFor), results into run_dir."
     return dsl.pipeline(name="train-and-evaluate")(train_and_evaluate)
@@ -84,13 +88,14 @@ def build_pipeline(max_parallel: int = default("max_parallel"), settings: Option
         ingest = ingest_op(data=p["data"], storage=p["storage"], image_size=p["image_size"], seed=p["seed"],
                            on_invalid=p["on_invalid"])
         models = models_pipeline(dataset=ingest.outputs["dataset"], run_dir=start.outputs["run_dir"],
-                                 backbones=p["backbones"], **{n: p[n] for n in TRAIN_PARAMS})
+                                 backbones=p["backbones"], external_data=p["external_data"],
+                                 **{n: p[n] for n in TRAIN_PARAMS})
         report = report_op(dataset=ingest.outputs["dataset"], run_dir=start.outputs["run_dir"],
                            backbones=p["backbones"]).after(models)
         if settings is not None:
             configure(settings, start=start, ingest=ingest, report=report)
         return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
-                       report_html=report.outputs["html"])
+                       report_html=report.outputs["html"], predictions=report.outputs["predictions"])
 
     pneumonia_pipeline.__signature__ = pipeline_signature(Outputs)
     pneumonia_pipeline.__doc__ = pipeline_docstring("Chest X-ray pneumonia classifiers: train and compare backbones.")

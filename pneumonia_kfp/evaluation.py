@@ -1,57 +1,265 @@
-"""evaluate: the trained checkpoint, at its validation-chosen threshold, on the test split (once).
+"""evaluate: a trained model's result document -- its test figures at every validation-chosen
+operating point, per-image predictions, optionally an external dataset -- and the ensemble.
+
+A result document (one model's entry of results.json) carries its per-image probabilities under
+``predictions`` (``val``, ``test`` and, when scored, ``external``: file, patient, label, prob), so the
+report step can average the backbones into the ensemble and write the predictions CSV without
+touching a model again.
 
 For the KFP UI each model gets a ``system.Metrics`` (scalars: test metrics with their 95 % CI
 bounds, validation AUC, threshold, training figures) and a ``system.ClassificationMetrics``
 (``confusionMatrix`` with the class names as ``annotationSpecs``, ROC as ``confidenceMetrics``).
 """
-import math
+from __future__ import annotations
 
+import logging
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia_kfp.errors import DataError
+
+log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
+ENSEMBLE = "ensemble"
+SPLITS = ("val", "test", "external")  # the prediction blocks a result document may carry
 
 
 def ui_scalars(r: dict) -> dict[str, float]:
     """The Metrics artifact's scalars for one model (finite numbers only: the UI's metadata is a
     protobuf Struct, which has no NaN; an undefined AUC is left out rather than faked)."""
-    t = r["test"]
-    out = {f"test_{name}": t[name] for name in SCALARS}
-    for name in CI_SCALARS:
-        lo_hi = t.get("ci95", {}).get(name)
-        if lo_hi:
-            out[f"test_{name}_ci95_low"], out[f"test_{name}_ci95_high"] = lo_hi
+    out = {}
+    for split in ("test", "external"):
+        t = r.get(split)
+        if not t:
+            continue
+        out.update({f"{split}_{name}": t[name] for name in SCALARS})
+        for name in CI_SCALARS:
+            lo_hi = t.get("ci95", {}).get(name)
+            if lo_hi:
+                out[f"{split}_{name}_ci95_low"], out[f"{split}_{name}_ci95_high"] = lo_hi
+        out[f"{split}_n"] = t["n"]
     out.update({
-        "test_n": t["n"], "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
-        "best_epoch": r["train"]["best_epoch"], "train_seconds": r["train"]["seconds"],
-        "train_images_per_second": r["train"]["images_per_second"], "parameters": r.get("parameters"),
+        "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
+        "best_epoch": r["train"].get("best_epoch"), "train_seconds": r["train"]["seconds"],
+        "train_images_per_second": r["train"].get("images_per_second"), "parameters": r.get("parameters"),
     })
     return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
             if v is not None and math.isfinite(v)}
 
 
-def evaluate(dataset_uri: str, checkpoint_path: str) -> dict:
-    """One model's entry of results.json (plus its test ROC curve and training history)."""
+def predict_probs(model, images, mean: float, std: float, tta: bool = False) -> np.ndarray:
+    """P(positive) for uint8 images; with ``tta`` the mean over augmentation.TTA_VIEWS."""
     import torch
 
-    from pneumonia_kfp.backbones import load_checkpoint, predict
-    from pneumonia_kfp.data import DataError, StoredDataset
-    from pneumonia_kfp.metrics import classification_report, roc_points
+    from pneumonia_kfp.augmentation import TTA_VIEWS, tta_view
+    from pneumonia_kfp.backbones import predict
 
-    ds = StoredDataset(dataset_uri)
-    x, y, _ = ds.split("test")
-    if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
-        raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
-                        f"the test split needs images of each of {', '.join(ds.classes)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = load_checkpoint(checkpoint_path, device)
-    prob = predict(model, x, meta["mean"], meta["std"])
-    return {
+    if not tta:
+        return predict(model, images, mean, std)
+    images = torch.as_tensor(images)
+    return np.mean([predict(model, tta_view(images, view), mean, std) for view in TTA_VIEWS], axis=0)
+
+
+def predictions_block(entries: list[dict], labels, prob) -> dict:
+    """Per-image predictions of one split: file (path in the dataset), patient, label, probability."""
+    return {"file": [e["path"] for e in entries], "patient": [e.get("patient") for e in entries],
+            "label": [int(v) for v in labels], "prob": [float(p) for p in prob]}
+
+
+def _groups(block: dict) -> list[str]:
+    """Bootstrap clusters: the patient where the file name gives one, else the file itself."""
+    return [p or f for p, f in zip(block["patient"], block["file"], strict=True)]
+
+
+def score(block: dict, threshold: float, classes: list[str], seed: int = 0) -> dict:
+    """A split's block of results.json from its predictions (patient-level bootstrap CIs)."""
+    from pneumonia_kfp.metrics import classification_report
+
+    return classification_report(block["label"], block["prob"], threshold, classes, ci_seed=seed,
+                                 groups=_groups(block))
+
+
+def operating_points(rules: dict[str, float], default_rule: str, predictions: dict) -> list[dict]:
+    """Each rule's threshold (chosen on validation) with its figures on every scored split."""
+    from pneumonia_kfp.metrics import rates_at
+
+    return [{"rule": rule, "threshold": t, "default": rule == default_rule,
+             **{split: rates_at(p["label"], p["prob"], t) for split, p in predictions.items()}}
+            for rule, t in rules.items()]
+
+
+def scored_document(head: dict, predictions: dict, rules: dict, rule: str, classes: list[str]) -> dict:
+    """``head`` plus threshold, test (and external) blocks, operating points, test ROC and predictions."""
+    from pneumonia_kfp.metrics import roc_points
+
+    t = rules[rule]
+    doc = {**head, "threshold": t, "threshold_rule": rule, "thresholds": rules}
+    for split in ("test", "external"):
+        if split in predictions:
+            doc[split] = score(predictions[split], t, classes)
+    doc["operating_points"] = operating_points(rules, rule, predictions)
+    test = predictions["test"]
+    doc["roc"] = roc_points(test["label"], test["prob"])
+    doc["predictions"] = predictions
+    return doc
+
+
+def model_document(meta: dict, parameters: int, predictions: dict) -> dict:
+    """One model's entry of results.json from its checkpoint metadata and scored predictions."""
+    head = {
         "backbone": meta["backbone"], "image_size": meta["image_size"], "epochs": meta["epochs"],
-        "pretrained": meta["pretrained"], "threshold": meta["threshold"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "test": classification_report(y, prob, meta["threshold"], ds.classes),
-        "val": meta["val"],
+        "pretrained": meta["pretrained"], "tta": meta.get("tta", False), "recipe": meta.get("recipe"),
+        "parameters": parameters, "val": meta["val"],
         "train": {"seconds": meta["seconds"], "images_per_second": meta["images_per_second"],
                   "best_epoch": meta["best_epoch"], "device": meta["device"], "val_source": meta["val_source"],
                   "history": meta["history"]},
-        "roc": roc_points(y, prob),
     }
+    predictions = {"val": meta["val_predictions"], **predictions}
+    return scored_document(head, predictions, meta["thresholds"], meta["threshold_rule"], meta["classes"])
+
+
+def _load(model_path: str, device):
+    from pneumonia_kfp.backbones import load_checkpoint
+    from pneumonia_kfp.errors import UsageError
+    from pneumonia_kfp.export import checkpoint_in
+
+    checkpoint = checkpoint_in(model_path)
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"model {model_path}: no checkpoint there; pass a model directory "
+                         "(OUT/models/<backbone> of run-local, or the train step's model artifact)")
+    return load_checkpoint(checkpoint, device)
+
+
+def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict:
+    """One model's entry of results.json: the dataset's test split, and ``external_data`` when given.
+
+    ``model_path``: a model directory written by train (or its checkpoint file).
+    """
+    import torch
+
+    from pneumonia_kfp.data import StoredDataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = _load(model_path, device)
+    ds = StoredDataset(dataset_uri)
+    x, y, entries = ds.split("test")
+    if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
+        raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
+                        f"the test split needs images of each of {', '.join(ds.classes)}")
+    tta = meta.get("tta", False)
+    predictions = {"test": predictions_block(entries, y, predict_probs(model, x, meta["mean"], meta["std"], tta))}
+    if external_data:
+        ex, ey, ee = load_folder(external_data, meta["image_size"], meta["classes"])
+        predictions["external"] = predictions_block(ee, ey, predict_probs(model, ex, meta["mean"], meta["std"], tta))
+    return model_document(meta, sum(p.numel() for p in model.parameters()), predictions)
+
+
+def ensemble(models: list[dict]) -> dict | None:
+    """The mean probability of every backbone, its thresholds chosen on validation; None for < 2 models.
+
+    Images are matched by file across the models; the default rule is the models' own.
+    """
+    from pneumonia_kfp.metrics import thresholds
+
+    if len(models) < 2:
+        return None
+    first = models[0]
+    predictions = {}
+    for split in SPLITS:
+        if not all(split in m["predictions"] for m in models):
+            continue
+        files = first["predictions"][split]["file"]
+        probs = []
+        for m in models:
+            block = m["predictions"][split]
+            where = dict(zip(block["file"], block["prob"], strict=True))
+            if set(where) != set(files):
+                raise DataError(f"{m['backbone']} scored other {split} images than {first['backbone']}: "
+                                "an ensemble needs the same images (same dataset and seed)")
+            probs.append([where[f] for f in files])
+        predictions[split] = {**first["predictions"][split], "prob": np.mean(probs, axis=0).tolist()}
+    val = predictions["val"]
+    rules = thresholds(val["label"], val["prob"])
+    rule = first["threshold_rule"]
+    classes = first["test"]["labels"]
+    head = {
+        "backbone": ENSEMBLE, "members": [m["backbone"] for m in models], "image_size": first["image_size"],
+        "epochs": first["epochs"], "pretrained": all(m["pretrained"] for m in models),
+        "tta": first.get("tta", False), "parameters": sum(m.get("parameters") or 0 for m in models),
+        "val": score(val, rules[rule], classes),
+        "train": {"seconds": sum(m["train"]["seconds"] for m in models), "images_per_second": None,
+                  "best_epoch": None, "history": []},
+    }
+    return scored_document(head, predictions, rules, rule, classes)
+
+
+def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """An ImageFolder to score: its ``test/`` split when it has one, else its class folders.
+
+    Images are decoded and resized as ingest does; every file must decode (a one-line error names
+    the rejected ones). Returns uint8 N×1×S×S images, labels (indices into ``classes``) and entries.
+    """
+    from pneumonia_kfp import validation
+    from pneumonia_kfp.data import ImageFile, patient_id
+    from pneumonia_kfp.ingest import _fetch_source
+
+    with tempfile.TemporaryDirectory(prefix="external-") as tmp:
+        root = _fetch_source(data, Path(tmp))
+        if not root.is_dir():
+            raise DataError(f"external data {data} does not exist or is not a directory")
+        base = root / "test" if (root / "test").is_dir() else root
+        found = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = sorted(set(found) - set(classes))
+        if not found or unknown:
+            raise DataError(f"{base} has class folders {found}: expected some of {classes} (the model's classes), "
+                            f"in {data}/test/<class>/ or {data}/<class>/")
+        files = [ImageFile("test", c, p, f"{p.relative_to(root)}") for c in found
+                 for p in sorted((base / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
+        if not files:
+            raise DataError(f"{base} holds no images")
+        with ThreadPoolExecutor(4) as pool:
+            checked = list(pool.map(lambda f: validation.check_file(f, root, image_size), files))
+    rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked, strict=True) if why]
+    if rejected:
+        raise validation.rejection_error(rejected, len(files))
+    entries = [{"path": f.relpath, "patient": patient_id(f.path.name), "class": f.label} for f in files]
+    labels = np.array([classes.index(f.label) for f in files], dtype=np.int64)
+    return np.stack([img for img, _ in checked])[:, None], labels, entries
+
+
+def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
+    """``pneumonia-kfp evaluate``: score a trained model on any ImageFolder; write OUT/results.json,
+    report.md, report.html and predictions.csv in the pipeline's contract."""
+    import torch
+
+    from pneumonia_kfp.report import report, write_outputs
+
+    out = Path(output)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = _load(model_path, device)
+    x, y, entries = load_folder(data, meta["image_size"], meta["classes"])
+    prob = predict_probs(model, x, meta["mean"], meta["std"], meta.get("tta", False))
+    doc = model_document(meta, sum(p.numel() for p in model.parameters()),
+                         {"test": predictions_block(entries, y, prob)})
+    counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}
+    dataset = {"uri": str(data), "classes": meta["classes"], "counts": {"test": counts},
+               "external": True, "model": str(model_path)}
+    results, md, page, csv = report(dataset, [doc], images={e["path"]: img for e, img in zip(entries, x, strict=True)})
+    write_outputs(out, results, md, page, csv)
+    return results
+
+
+def log_ui_metrics(doc: dict, metrics, classification) -> None:
+    """Fill a KFP ``Metrics`` and ``ClassificationMetrics`` artifact (passed in; this library never
+    imports kfp) from one result document: scalars, test confusion matrix and test ROC."""
+    for name, value in ui_scalars(doc).items():
+        metrics.log_metric(name, value)
+    classification.log_confusion_matrix(doc["test"]["labels"], doc["test"]["confusion_matrix"])
+    roc = doc["roc"]
+    if all(math.isfinite(v) for v in roc["fpr"] + roc["tpr"]):  # undefined on a one-class test split
+        classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])

@@ -23,6 +23,8 @@ ON_INVALID = ("fail", "skip")
 # bombs: a 140 KB PNG can declare 12000x12000 px, 384 MB decoded); a setting, not a run parameter
 MAX_PIXELS_ENV = "PNEUMONIA_KFP_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000
+# how the default decision threshold is chosen from validation predictions (pneumonia_kfp.metrics)
+THRESHOLD_RULES = ("balanced", "youden", "sensitivity95")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ PARAMS: tuple[Param, ...] = (
     Param("on_invalid", str, "fail", "a file that does not decode: stop the run (fail) or leave it out (skip)",
           choices=ON_INVALID),
     Param("compile_model", bool, False, "torch.compile the model for training"),
+    Param("threshold_rule", str, "balanced", "default decision threshold: balanced (0.5 under the class-balanced "
+          "loss), youden (max sensitivity + specificity on validation) or sensitivity95 (validation sensitivity "
+          ">= 0.95); every rule is reported", choices=THRESHOLD_RULES),
+    Param("tta", bool, False, "test-time augmentation: average the probability over 5 shifted/zoomed views"),
+    Param("external_data", str, "", "a second ImageFolder (its test/ or class folders) every model is also "
+          "scored on: a directory, file:// or s3://"),
     Param("max_parallel", int, 2, "training tasks at a time (fixed when the pipeline is compiled)",
           minimum=1, maximum=64, pipeline=False),
 )

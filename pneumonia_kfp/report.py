@@ -1,16 +1,31 @@
 """report: every backbone's results side by side, as results.json, Markdown and self-contained HTML."""
 
+from __future__ import annotations
+
 import base64
 import html
 import io
 import logging
 import re
 
+import numpy as np
+
+from pneumonia_kfp.metrics import TARGET_SENSITIVITY
+
 log = logging.getLogger(__name__)
 
 BEST_RULE = "highest validation AUC (ties: higher validation F1); test metrics play no part in the choice"
 # The AIMI Lab1 seed's published figures, for reference only: its best epoch was picked on test.
 SEED_REFERENCE = {"backbone": "resnext50_32x4d (seed, AIMI Lab1)", "accuracy": 0.9439, "f1": 0.9556}
+RULE_NOTES = {
+    "balanced": "0.5: training weighs both classes equally, so 0.5 takes nothing from validation",
+    "youden": "maximises sensitivity + specificity − 1 on validation",
+    "sensitivity95": f"highest threshold with validation sensitivity ≥ {TARGET_SENSITIVITY:.2f}",
+}
+SHIFT_NOTE = ("Thresholds come from validation only. The validation images come from the same source as "
+              "train and are easier than a new hospital's: a threshold tuned on them tends to over-call "
+              "pneumonia on shifted data (lower specificity), which is why the default rule takes nothing from them.")
+PREDICTION_COLUMNS = ("split", "file", "patient", "label")
 
 
 def best_model(models: list[dict]) -> dict:
@@ -18,10 +33,50 @@ def best_model(models: list[dict]) -> dict:
 
 
 def combine(dataset: dict, models: list[dict]) -> dict:
-    """results.json: the dataset and every model, sorted by backbone name."""
+    """results.json: the dataset and every model sorted by backbone name, the ensemble (of two or
+    more) last; per-image predictions stay out (they go to the predictions CSV)."""
+    from pneumonia_kfp.evaluation import ensemble
+
     models = sorted(models, key=lambda m: m["backbone"])
-    return {"dataset": dataset, "models": models,
-            "best": {"backbone": best_model(models)["backbone"], "rule": BEST_RULE} if models else None}
+    combined = ensemble(models)
+    models = models + ([combined] if combined else [])
+    best = {"backbone": best_model(models)["backbone"], "rule": BEST_RULE} if models else None
+    return {"dataset": dataset, "models": models, "best": best}
+
+
+def without_predictions(results: dict) -> dict:
+    return {**results, "models": [{k: v for k, v in m.items() if k != "predictions"} for m in results["models"]]}
+
+
+def predictions_csv(results: dict) -> str:
+    """split, file, patient, label, then ``prob_<model>`` for every backbone and the ensemble."""
+    import csv
+
+    models = results["models"]
+    if not models:
+        return ""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{m['backbone']}" for m in models)])
+    classes = models[0]["test"]["labels"]
+    for split, block in models[0]["predictions"].items():
+        probs = [dict(zip(m["predictions"][split]["file"], m["predictions"][split]["prob"], strict=True))
+                 if split in m["predictions"] else {} for m in models]
+        for i, file in enumerate(block["file"]):
+            writer.writerow([split, file, block["patient"][i] or "", classes[block["label"][i]],
+                             *(f"{p[file]:.6f}" if file in p else "" for p in probs)])
+    return buf.getvalue()
+
+
+def confident_errors(model: dict, per_kind: int = 4) -> list[dict]:
+    """The test errors the model was surest of at its threshold: false positives with the highest
+    probability and false negatives with the lowest, ``per_kind`` of each."""
+    block, t = model["predictions"]["test"], model["threshold"]
+    rows = [{"file": f, "patient": p, "label": y, "prob": q}
+            for f, p, y, q in zip(block["file"], block["patient"], block["label"], block["prob"], strict=True)]
+    fp = sorted((r for r in rows if r["label"] == 0 and r["prob"] >= t), key=lambda r: -r["prob"])
+    fn = sorted((r for r in rows if r["label"] == 1 and r["prob"] < t), key=lambda r: r["prob"])
+    return fp[:per_kind] + fn[:per_kind]
 
 
 def _pct(x: float) -> str:
@@ -35,29 +90,39 @@ def _with_ci(block: dict, key: str, pct: bool = True, ci_key: str | None = None)
 
 
 def _count(n) -> str:
-    return "–" if n is None else f"{n / 1e6:.1f} M"
+    return "–" if not n else f"{n / 1e6:.1f} M"
 
 
-def table_rows(results: dict) -> list[list[str]]:
+def _settings(m: dict) -> str:
+    rule = f"thr {m['threshold']:.3f} ({m.get('threshold_rule', 'youden')})" + (", TTA" if m.get("tta") else "")
+    if m.get("members"):
+        return f"mean probability of {' + '.join(m['members'])}, {rule}"
+    return (f"{m['image_size']} px, {m['epochs']} ep (best {m['train']['best_epoch']}), "
+            f"{'pretrained' if m['pretrained'] else 'scratch'}, {rule}")
+
+
+def table_rows(results: dict, split: str = "test") -> list[list[str]]:
     rows = []
     for m in results["models"]:
-        t = m["test"]
+        t = m.get(split)
+        if not t:
+            continue
+        ips = m["train"].get("images_per_second")
         rows.append([
-            m["backbone"], _count(m.get("parameters")),
-            f"{m['image_size']} px, {m['epochs']} ep (best {m['train']['best_epoch']}), "
-            f"{'pretrained' if m['pretrained'] else 'scratch'}, thr {m['threshold']:.3f}",
+            m["backbone"], _count(m.get("parameters")), _settings(m),
             _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, "recall", ci_key="sensitivity"),
             _with_ci(t, "specificity"), _with_ci(t, "auc", pct=False), f"{m['val']['auc']:.4f}",
-            f"{m['train']['seconds']:.0f} s", f"{m['train']['images_per_second']:.0f}",
+            f"{m['train']['seconds']:.0f} s", "–" if ips is None else f"{ips:.0f}",
         ])
     return rows
 
 
 HEADER = ["backbone", "parameters", "settings", "accuracy % (95% CI)", "F1 (95% CI)", "sensitivity % (95% CI)",
           "specificity % (95% CI)", "AUC (95% CI)", "val AUC", "train time", "img/s"]
+OP_HEADER = ["model", "rule", "threshold", "val sensitivity %", "val specificity %", "test accuracy %",
+             "test F1", "test sensitivity %", "test specificity %"]
+EXTERNAL_OP_HEADER = [h.replace("test", "external") for h in OP_HEADER]
 SEED_NOTE = "published figures; best epoch selected on test in the original"
-CI_NOTE = ("Test split{n}. 95% CI: class-stratified bootstrap, 1,000 resamples (seeded). Decision threshold "
-           "chosen on validation (Youden's J). Sensitivity = recall of {pos}, specificity = recall of {neg}.")
 
 
 def seed_row(n_columns: int = len(HEADER)) -> list[str]:
@@ -65,16 +130,43 @@ def seed_row(n_columns: int = len(HEADER)) -> list[str]:
     return [s["backbone"], "–", SEED_NOTE, _pct(s["accuracy"]), f"{s['f1']:.4f}"] + ["–"] * (n_columns - 5)
 
 
-def _ci_note(results: dict) -> str:
-    models = results["models"]
-    labels = models[0]["test"]["labels"] if models else ["negative", "positive"]
-    ns = sorted({m["test"]["n"] for m in models})
-    return CI_NOTE.format(n=f" (n = {', '.join(map(str, ns))})" if ns else "", neg=labels[0], pos=labels[1])
+def operating_point_rows(results: dict, split: str = "test") -> list[list[str]]:
+    rows = []
+    for m in results["models"]:
+        for op in m.get("operating_points", []):
+            if split not in op:
+                continue
+            s = op[split]
+            rows.append([m["backbone"], op["rule"] + (" (default)" if op["default"] else ""), f"{op['threshold']:.3f}",
+                         _pct(op["val"]["sensitivity"]), _pct(op["val"]["specificity"]), _pct(s["accuracy"]),
+                         f"{s['f1']:.4f}", _pct(s["sensitivity"]), _pct(s["specificity"])])
+    return rows
+
+
+def _ci_note(results: dict, split: str = "test") -> str:
+    from pneumonia_kfp.metrics import BOOTSTRAP_RESAMPLES
+
+    models = [m for m in results["models"] if m.get(split)]
+    labels = models[0][split]["labels"] if models else ["negative", "positive"]
+    ns = sorted({m[split]["n"] for m in models})
+    units = sorted({f"{m[split]['bootstrap']['clusters']} {m[split]['bootstrap']['unit']}s" for m in models
+                    if "bootstrap" in m[split]})
+    rule = models[0].get("threshold_rule", "youden") if models else "youden"
+    name = "Test split" if split == "test" else "External data"
+    n = f" (n = {', '.join(map(str, ns))})" if ns else ""
+    return (f"{name}{n}. 95% CI: class-stratified bootstrap of patients ({', '.join(units) or 'images'}; "
+            "a file name without a patient id counts as its own patient), "
+            f"{BOOTSTRAP_RESAMPLES:,} resamples (seeded). Decision threshold chosen on validation by the rule "
+            f"'{rule}' ({RULE_NOTES.get(rule, rule)}). "
+            f"Sensitivity = recall of {labels[1]}, specificity = recall of {labels[0]}.")
 
 
 def _dataset_line(d: dict) -> str:
     counts = ", ".join(f"{s}: " + " / ".join(f"{n} {c}" for c, n in cs.items())
                        for s, cs in d.get("counts", {}).items())
+    if d.get("external"):
+        return (f"External evaluation of `{d.get('model', '?')}` on `{d.get('uri', '?')}` ({counts}): the test "
+                "columns score that data; validation figures and thresholds are the model's own, from training.")
     from pneumonia_kfp.training import MIN_VAL_IMAGES
 
     carved = " Test split carved from train (grouped by patient)." if d.get("test_carved_from_train") else ""
@@ -85,17 +177,25 @@ def _dataset_line(d: dict) -> str:
     return f"Dataset `{d.get('uri', '?')}` ({counts}).{carved}"
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(results: dict) -> str:
     lines = ["# Pneumonia classifier comparison", ""]
     if results["dataset"].get("synthetic"):
         lines += ["> **SYNTHETIC DATA: these numbers mean nothing about real X-rays.**", ""]
     lines += [_dataset_line(results["dataset"]), ""]
-    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
-    lines.append("| " + " | ".join(seed_row()) + " |")
+    lines += _md_table(HEADER, table_rows(results) + [seed_row()])
     lines += ["", _ci_note(results) + " The last row is the AIMI Lab1 seed's " + SEED_NOTE + ": not comparable."]
     if results["best"]:
         lines += ["", f"**Best model: {results['best']['backbone']}** — rule: {results['best']['rule']}."]
+    lines += ["", "## Operating points (thresholds chosen on validation, each with its test result)", "",
+              *_md_table(OP_HEADER, operating_point_rows(results)), "", SHIFT_NOTE]
+    if any(m.get("external") for m in results["models"]):
+        lines += ["", "## External data", "", *_md_table(HEADER, table_rows(results, "external")), "",
+                  _ci_note(results, "external"), "",
+                  *_md_table(EXTERNAL_OP_HEADER, operating_point_rows(results, "external"))]
     lines += ["", "## Confusion matrices (test; rows true, columns predicted)", ""]
     for m in results["models"]:
         (tn, fp), (fn, tp) = m["test"]["confusion_matrix"]
@@ -131,27 +231,30 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for i, m in enumerate(results["models"]):
         t = m["test"]
-        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], color=f"C{i % 10}",
-                label=f"{m['backbone']} (AUC {t['auc']:.3f})")
-        ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=f"C{i % 10}", ms=5)
+        color, style = ("k", "--") if m.get("members") else (f"C{i % 10}", "-")  # the ensemble: black, dashed
+        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {t['auc']:.3f})")
+        ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=color, ms=5)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test (dots: chosen thresholds)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.legend(loc="lower right", fontsize=8)
     out["roc"] = _png(fig, dpi, "ROC curves of all models on the test split")
     for m in results["models"]:
-        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
         h = m["train"]["history"]
-        ep = [r["epoch"] for r in h]
-        a1.plot(ep, [r["train_loss"] for r in h], "o-", label="train loss")
-        a1.plot(ep, [r["val_loss"] for r in h], "o-", label="validation loss")
-        a1.set(xlabel="epoch", title="loss")
-        a1.legend(fontsize=8)
-        a2.plot(ep, [r["val_auc"] for r in h], "o-", color="C2")
-        a2.axvline(m["train"]["best_epoch"], color="k", ls=":", lw=1)
-        a2.set(xlabel="epoch", title="validation AUC (dotted: chosen epoch)")
-        for ax in (a1, a2):
-            ax.xaxis.get_major_locator().set_params(integer=True)
+        if h:
+            fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+            ep = [r["epoch"] for r in h]
+            a1.plot(ep, [r["train_loss"] for r in h], "o-", label="train loss")
+            a1.plot(ep, [r["val_loss"] for r in h], "o-", label="validation loss")
+            a1.set(xlabel="epoch", title="loss")
+            a1.legend(fontsize=8)
+            a2.plot(ep, [r["val_auc"] for r in h], "o-", color="C2")
+            a2.axvline(m["train"]["best_epoch"], color="k", ls=":", lw=1)
+            a2.set(xlabel="epoch", title="validation AUC (dotted: chosen epoch)")
+            for ax in (a1, a2):
+                ax.xaxis.get_major_locator().set_params(integer=True)
+        else:  # the ensemble: no training of its own
+            fig, a3 = plt.subplots(figsize=(4, 3.2))
         ConfusionMatrixDisplay(np.array(m["test"]["confusion_matrix"]), display_labels=m["test"]["labels"]).plot(
             ax=a3, colorbar=False, cmap="Blues")
         a3.set_title(f"test confusion matrix (threshold {m['threshold']:.3f})")
@@ -159,25 +262,56 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
     return out
 
 
+THUMB_PX = 96
+
+
+def thumbnails(model: dict, images: dict | None) -> str:
+    """The model's most confident test errors as small inline PNGs, with file, truth and probability."""
+    from PIL import Image
+
+    if not images or "predictions" not in model:
+        return ""
+    cells = []
+    labels = model["test"]["labels"]
+    for r in confident_errors(model):
+        img = images.get(r["file"])
+        if img is None:
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(img).reshape(img.shape[-2:])).resize((THUMB_PX, THUMB_PX)).save(buf, format="PNG")
+        src = base64.b64encode(buf.getvalue()).decode()
+        kind = "false positive" if r["label"] == 0 else "false negative"
+        caption = f"{kind}: true {labels[r['label']]}, P({labels[1]}) = {r['prob']:.3f}<br>{html.escape(r['file'])}"
+        cells.append(f'<figure><img alt="{html.escape(kind)}" src="data:image/png;base64,{src}">'
+                     f"<figcaption>{caption}</figcaption></figure>")
+    return '<div class="thumbs">' + "".join(cells) + "</div>" if cells else "<p>No test errors.</p>"
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1280px;color:#222}
 h1{margin:.2em 0 .4em}h2{margin-top:1.5em}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px}
 td,th{border:1px solid #ccc;padding:4px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child,td:nth-child(3),th:nth-child(3){text-align:left}
+th{background:#f3f3f3}td:first-child,th:first-child,td:nth-child(2),td:nth-child(3),th:nth-child(3){text-align:left}
 tr.seed{color:#777;font-style:italic}tr.best{background:#e3f2e3;font-weight:600}
 .note{background:#fff6d6;padding:.5em 1em;border-left:4px solid #e0b000}
 .winner{background:#e3f2e3;padding:.5em 1em;border-left:4px solid #2e8b2e}.small{font-size:13px;color:#555}
+.thumbs{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#444}
+figure img{width:96px;height:96px;image-rendering:pixelated;display:block}
 img{max-width:100%}"""
 
 
-def _html(results: dict, figs: dict[str, str]) -> str:
+def _html_table(header: list[str], rows: list[list[str]], best: str | None = None, seed: bool = False) -> str:
+    e = html.escape
+    body = "".join(f'<tr class="{"best" if r[0] == best else ""}">' + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    if seed:
+        body += '<tr class="seed">' + "".join(f"<td>{e(c)}</td>" for c in seed_row()) + "</tr>"
+    return "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + f"</tr>{body}</table>"
+
+
+def _html(results: dict, figs: dict[str, str], thumbs: str = "") -> str:
     e = html.escape
     best = results["best"]["backbone"] if results["best"] else None
-    rows = "".join(
-        f'<tr class="{"best" if r[0] == best else ""}">' + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-        for r in table_rows(results)
-    )
-    rows += '<tr class="seed">' + "".join(f"<td>{e(c)}</td>" for c in seed_row()) + "</tr>"
     synthetic = results["dataset"].get("synthetic")
     best_line = (f'<p class="winner"><b>Best model: {e(best)}</b> (green row) — rule: {e(BEST_RULE)}.</p>'
                  if best else "<p>No models.</p>")
@@ -186,30 +320,71 @@ def _html(results: dict, figs: dict[str, str]) -> str:
         "<title>Pneumonia classifier comparison</title>",
         f"<style>{CSS}</style></head><body><h1>Pneumonia classifier comparison</h1>",
         '<p class="note">SYNTHETIC DATA: these numbers mean nothing.</p>' if synthetic else "",
-        best_line,
-        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + f"</tr>{rows}</table>",
+        best_line, _html_table(HEADER, table_rows(results), best, seed=True),
         f'<p class="small">{e(_ci_note(results))} Grey row: the AIMI Lab1 seed\'s {e(SEED_NOTE)} — '
         "a reference, not comparable.</p>",
         '<p class="small">' + re.sub(r"`([^`]*)`", r"<code>\1</code>", e(_dataset_line(results["dataset"]))) + "</p>",
-        "<h2>ROC curves (test)</h2>", figs["roc"],
-        "<h2>Per model: training curves and confusion matrix</h2>",
+        "<h2>Operating points (thresholds chosen on validation)</h2>",
+        _html_table(OP_HEADER, operating_point_rows(results)), f'<p class="small">{e(SHIFT_NOTE)}</p>',
     ]
+    if any(m.get("external") for m in results["models"]):
+        parts += ["<h2>External data</h2>", _html_table(HEADER, table_rows(results, "external")),
+                  f'<p class="small">{e(_ci_note(results, "external"))}</p>',
+                  _html_table(EXTERNAL_OP_HEADER, operating_point_rows(results, "external"))]
+    parts += ["<h2>ROC curves (test)</h2>", figs["roc"]]
+    if thumbs:
+        parts += [f"<h2>Most confident test errors of {e(best)}</h2>", thumbs]
+    parts.append("<h2>Per model: training curves and confusion matrix</h2>")
     parts += [f"<h3>{e(m['backbone'])}</h3>{figs[m['backbone']]}" for m in results["models"]]
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def html_report(results: dict, max_bytes: int = MAX_HTML_BYTES) -> str:
-    """The self-contained HTML page (no external URL); figures shrink until it fits ``max_bytes``."""
+def html_report(results: dict, max_bytes: int = MAX_HTML_BYTES, images: dict | None = None) -> str:
+    """The self-contained HTML page (no external URL); figures shrink until it fits ``max_bytes``.
+
+    ``images``: {test file: uint8 image} for the thumbnails of the best model's most confident errors.
+    """
+    best = next((m for m in results["models"] if results["best"] and m["backbone"] == results["best"]["backbone"]),
+                None)
+    thumbs = thumbnails(best, images) if best else ""
     for dpi in DPIS:
-        page = _html(results, figures(results, dpi))
+        page = _html(results, figures(results, dpi), thumbs)
         if len(page.encode()) <= max_bytes:
             return page
     log.warning("report.html is %d bytes even at %d dpi (limit %d)", len(page.encode()), dpi, max_bytes)
     return page
 
 
-def report(dataset: dict, models: list[dict]) -> tuple[dict, str, str]:
-    """(results.json content, Markdown, HTML)."""
-    results = combine(dataset, models)
-    return results, markdown(results), html_report(results)
+def report(dataset: dict, models: list[dict], images: dict | None = None) -> tuple[dict, str, str, str]:
+    """(results.json content, Markdown, HTML, predictions CSV); the ensemble is added for 2+ models.
+
+    ``images``: {test file: uint8 image} for the thumbnails of the most confident errors.
+    """
+    full = combine(dataset, models)
+    results = without_predictions(full)
+    return results, markdown(results), html_report(full, images=images), predictions_csv(full)
+
+
+OUTPUT_FILES = {"results": "results.json", "markdown": "report.md", "html": "report.html",
+                "predictions": "predictions.csv"}
+
+
+def write_outputs(out, results: dict, md: str, page: str, csv: str) -> None:
+    """OUT/results.json, report.md, report.html and predictions.csv."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, text in (("results", json.dumps(results, indent=1)), ("markdown", md), ("html", page),
+                      ("predictions", csv)):
+        (out / OUTPUT_FILES[key]).write_text(text)
+
+
+def report_from_store(dataset: dict, models: list[dict]) -> tuple[dict, str, str, str]:
+    """``report`` with the error thumbnails' images read from the dataset version in the store."""
+    from pneumonia_kfp.data import StoredDataset
+
+    x, _, entries = StoredDataset(dataset["uri"]).split("test")
+    return report(dataset, models, images={e["path"]: x[i] for i, e in enumerate(entries)})

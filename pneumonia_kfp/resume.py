@@ -1,8 +1,9 @@
 """Per-epoch training state in the store, so a restarted (preempted) train task resumes.
 
-The key is the task's identity -- dataset version, backbone and every training setting -- so a
-retried pod finds its own state and nothing else's. Written atomically each epoch, with a checksum
-that is verified before the state is used.
+The key is the task's identity -- dataset version, backbone, every training setting, and the
+package version plus a hash of the library's code -- so a retried pod finds its own state and
+nothing else's, and a rerun after a code change trains afresh instead of reusing an old ``last.pt``.
+Written atomically each epoch, with a checksum that is verified before the state is used.
 """
 import hashlib
 import io
@@ -14,10 +15,26 @@ from pneumonia_kfp.storage import StorageError, Store, open_store
 log = logging.getLogger(__name__)
 
 
+def code_identity() -> dict:
+    """The installed package version and a hash of the library's source (every module of pneumonia_kfp)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        package = version("pneumonia-kfp")
+    except PackageNotFoundError:  # run from a source tree without installing
+        package = "unknown"
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"package": package, "code": code.hexdigest()[:16]}
+
+
 def state_store(dataset_uri: str, identity: dict) -> Store:
     """``<storage>/checkpoints/<identity hash>/`` beside the dataset versions."""
     root = dataset_uri.rsplit("/datasets/", 1)[0]
-    key = hashlib.sha256(json.dumps({"dataset": dataset_uri, **identity}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps({"dataset": dataset_uri, **identity, **code_identity()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     return open_store(f"{root}/checkpoints/{key}")
 
 

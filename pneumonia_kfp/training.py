@@ -1,8 +1,16 @@
-"""train: one backbone on a stored dataset; best epoch and threshold chosen on validation."""
+"""train: one backbone on a stored dataset; best epoch and threshold chosen on validation.
+
+The pieces: ``train_val_split`` (which images validate), ``Recipe`` (how the model learns beyond
+the run parameters), ``TrainingState`` (what a restarted task resumes from, its checkpoint keys
+listed once), ``run_epoch`` (one pass over the training images), ``validate`` (validation
+probability, loss and AUC) and ``select`` (the validation-chosen thresholds of the kept epoch).
+"""
+from __future__ import annotations
 
 import copy
 import logging
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -16,7 +24,7 @@ VAL_FRACTION = 0.1
 
 
 def train_val_split(ds: StoredDataset, seed: int):
-    """(train images, labels), (val images, labels), and how val was made.
+    """(train images, labels), (val images, labels, manifest entries), and how val was made.
 
     The dataset's own val split when it has at least MIN_VAL_IMAGES; otherwise train and that
     small val are pooled and a patient-grouped, class-stratified val is carved from the pool.
@@ -24,13 +32,27 @@ def train_val_split(ds: StoredDataset, seed: int):
     tx, ty, te = ds.split("train")
     vx, vy, ve = ds.split("val")
     if len(vy) >= MIN_VAL_IMAGES:
-        return (tx, ty), (vx, vy), "dataset val split"
+        return (tx, ty), (vx, vy, ve), "dataset val split"
     if len(vy):
         tx, ty, te = np.concatenate([tx, vx]), np.concatenate([ty, vy]), te + ve
     held = grouped_holdout(ty, groups_of(te), VAL_FRACTION, seed)
     how = f"carved from train: {held.sum()} images, grouped by patient (dataset val had {len(vy)} < {MIN_VAL_IMAGES})"
     log.warning("validation set %s", how)
-    return (tx[~held], ty[~held]), (tx[held], ty[held]), how
+    val_entries = [e for e, h in zip(te, held, strict=True) if h]
+    return (tx[~held], ty[~held]), (tx[held], ty[held], val_entries), how
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model learns, beyond the run parameters (the ablation table's variables).
+
+    Defaults follow chest X-ray practice for robustness to other hospitals' images: photometric and
+    geometric augmentation, label smoothing 0.1 (Szegedy et al. 2016; Müller et al. 2019), and
+    selection on an exponential moving average of the weights (timm's ModelEmaV3 with warm-up).
+    """
+    augmentation: str = "default"  # a name in augmentation.POLICIES
+    label_smoothing: float = 0.1
+    ema: bool = True
 
 
 def to_device(array, device):
@@ -41,13 +63,13 @@ def to_device(array, device):
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def training_batch(images, idx, generator, mean: float, std: float):
+def training_batch(images, idx, generator, mean: float, std: float, policy="default"):
     """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
     import torch
 
-    from pneumonia_kfp.augmentation import augment, normalize
+    from pneumonia_kfp.augmentation import POLICIES, augment, normalize
 
-    x = normalize(augment(images[idx], generator), mean, std)
+    x = normalize(augment(images[idx], generator, POLICIES[policy] if isinstance(policy, str) else policy), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
@@ -64,113 +86,220 @@ def training_step(model, x, y, loss_fn, optimizer, scaler):
     return loss.detach()
 
 
-def train(
-    dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = default("epochs"),
-    batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"),
-    seed: int = default("seed"),
-    pretrained: bool = False, weights: str = "", compile_model: bool = False,
-) -> dict:
-    """Train, keep the epoch with the best validation AUC, pick the threshold on validation.
+class TrainingState:
+    """What a restarted task needs to carry on after its last finished epoch, and nothing else.
 
-    Writes the checkpoint to ``checkpoint_path`` and returns its metadata (history, timings,
-    validation metrics at the chosen threshold).
+    ``CHECKPOINT_KEYS`` is the one list of what goes into (and comes out of) ``last.pt``.
     """
+    OBJECTS = ("model", "ema", "optimizer", "scheduler", "scaler")  # each has state_dict()/load_state_dict()
+    VALUES = ("epoch", "history", "best", "train_seconds")
+    RNG = ("generator", "cpu_rng")
+    CHECKPOINT_KEYS = OBJECTS + VALUES + RNG
+
+    def __init__(self, model, ema, optimizer, scheduler, scaler, generator):
+        self.model, self.ema, self.optimizer, self.scheduler, self.scaler = model, ema, optimizer, scheduler, scaler
+        self.generator = generator
+        self.epoch, self.history, self.best, self.train_seconds = 0, [], None, 0.0
+
+    @property
+    def eval_model(self):
+        """The weights validated and kept: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        import torch
+
+        state = {k: None if getattr(self, k) is None else getattr(self, k).state_dict() for k in self.OBJECTS}
+        state.update({k: getattr(self, k) for k in self.VALUES})
+        state.update(generator=self.generator.get_state(), cpu_rng=torch.get_rng_state())
+        return state
+
+    def load_state_dict(self, saved: dict) -> None:
+        import torch
+
+        missing = sorted(set(self.CHECKPOINT_KEYS) - set(saved))
+        if missing:
+            raise DataError(f"saved training state lacks {', '.join(missing)}")
+        for k in self.OBJECTS:
+            if getattr(self, k) is not None:
+                getattr(self, k).load_state_dict(saved[k])
+        for k in self.VALUES:
+            setattr(self, k, saved[k])
+        self.generator.set_state(saved["generator"].cpu())  # RNG states live on the CPU whatever the device
+        torch.set_rng_state(saved["cpu_rng"].cpu())
+
+
+@dataclass
+class EpochPlan:
+    """What every epoch of one training run shares."""
+    name: str
+    epochs: int
+    images: object  # uint8 N×1×S×S on the device
+    labels: object
+    batch_size: int
+    mean: float
+    std: float
+    policy: str
+    loss_fn: object
+    step_model: object  # the model, or its torch.compile'd form
+
+    @property
+    def steps(self) -> int:
+        return max(1, len(self.images) // self.batch_size)
+
+
+def run_epoch(state: TrainingState, plan: EpochPlan) -> dict:
+    """One pass over the training images; the row's throughput counts the images actually seen."""
     import torch
 
-    from pneumonia_kfp.backbones import create_backbone, grayscale_normalization, predict, save_checkpoint
-    from pneumonia_kfp.metrics import choose_threshold, classification_report
-    from pneumonia_kfp.telemetry import TrainTelemetry, progress
+    from pneumonia_kfp.telemetry import progress
 
-    check_run_params({"backbones": [backbone], "epochs": epochs, "batch_size": batch_size,
-                      "learning_rate": learning_rate, "seed": seed})
-    torch.manual_seed(seed)
-    ds = StoredDataset(dataset_uri)
-    if len(ds.classes) != 2:
-        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
-    (tx, ty), (vx, vy), val_source = train_val_split(ds, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state.model.train()
+    device = plan.images.device
+    start, total_loss, seen = time.perf_counter(), torch.zeros((), device=device), 0
+    order = torch.randperm(len(plan.images), device=device, generator=state.generator)
+    first_step = (state.epoch) * plan.steps
+    for step in progress(range(plan.steps), desc=f"{plan.name} epoch {state.epoch + 1}/{plan.epochs}", unit="batch"):
+        idx = order[step * plan.batch_size:(step + 1) * plan.batch_size]
+        x = training_batch(plan.images, idx, state.generator, plan.mean, plan.std, plan.policy)
+        total_loss += training_step(plan.step_model, x, plan.labels[idx], plan.loss_fn, state.optimizer,
+                                    state.scaler)
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(state.model, step=first_step + step + 1)
+        seen += len(idx)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"epoch": state.epoch + 1, "train_loss": total_loss.item() / plan.steps, "images": seen,
+            "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def validate(model, images, labels, mean: float, std: float, tta: bool = False) -> dict:
+    """Validation probability of the positive class, loss (binary cross-entropy) and AUC."""
+    import torch
+
+    from pneumonia_kfp.evaluation import predict_probs
+    from pneumonia_kfp.metrics import auc
+
+    prob = predict_probs(model, images, mean, std, tta=tta)
+    loss = float(torch.nn.functional.binary_cross_entropy(
+        torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(labels).double()))
+    return {"prob": prob, "val_loss": loss, "val_auc": auc(labels, prob)}
+
+
+def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_rate: float, seed: int,
+                recipe: Recipe, pretrained: bool, weights: str) -> TrainingState:
+    import torch
+
+    from pneumonia_kfp.backbones import create_backbone
 
     model = create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    mean, std = grayscale_normalization(model)
+    ema = None
+    if recipe.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=0.9998, use_warmup=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * plan_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return TrainingState(model, ema, optimizer, scheduler, scaler, generator)
+
+
+def select(state: TrainingState, vx, vy, val_entries, classes, mean, std, threshold_rule: str, tta: bool,
+           seed: int) -> dict:
+    """Load the kept epoch's weights; its validation predictions, thresholds of every rule and report."""
+    from pneumonia_kfp.evaluation import predictions_block
+    from pneumonia_kfp.metrics import classification_report, thresholds
+
+    model = state.model
+    model.load_state_dict(state.best["state"])
+    prob = validate(model, vx, vy, mean, std, tta=True)["prob"] if tta else state.best["prob"].cpu().numpy()
+    rules = thresholds(vy, prob)
+    return {
+        "threshold_rule": threshold_rule, "threshold": rules[threshold_rule], "thresholds": rules, "tta": tta,
+        "val": classification_report(vy, prob, rules[threshold_rule], classes, ci_seed=seed,
+                                     groups=groups_of(val_entries)),
+        "val_predictions": predictions_block(val_entries, vy, prob),
+    }
+
+
+def train(
+    dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = default("epochs"),
+    batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"),
+    seed: int = default("seed"), pretrained: bool = False, weights: str = "", compile_model: bool = False,
+    threshold_rule: str = default("threshold_rule"), tta: bool = default("tta"), recipe: Recipe = Recipe(),
+) -> dict:
+    """Train, keep the epoch with the best validation AUC, pick the thresholds on validation.
+
+    Writes the checkpoint to ``checkpoint_path`` and returns its metadata (history, timings,
+    validation metrics at the ``threshold_rule`` threshold, every rule's threshold).
+    """
+    import torch
+
+    from pneumonia_kfp.backbones import grayscale_normalization, save_checkpoint
+    from pneumonia_kfp.telemetry import TrainTelemetry
+
+    check_run_params({"backbones": [backbone], "epochs": epochs, "batch_size": batch_size,
+                      "learning_rate": learning_rate, "seed": seed, "threshold_rule": threshold_rule, "tta": tta})
+    torch.manual_seed(seed)
+    ds = StoredDataset(dataset_uri)
+    if len(ds.classes) != 2:
+        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
+    (tx, ty), (vx, vy, val_entries), val_source = train_val_split(ds, seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
     # the whole uint8 training set lives on the device; batches are indexed there
     images, labels = to_device(tx, device), to_device(ty, device)
     counts = torch.bincount(labels, minlength=2).float()
     class_weight = counts.sum() / (2 * counts.clamp(min=1))  # balanced: rare class weighs more
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight)
+    plan = EpochPlan(backbone, epochs, images, labels, batch_size, 0.0, 1.0, recipe.augmentation,
+                     torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=recipe.label_smoothing), None)
+    state = build_state(backbone, device, plan.steps, epochs, learning_rate, seed, recipe, pretrained, weights)
+    plan.mean, plan.std = grayscale_normalization(state.model)
+    plan.step_model = torch.compile(state.model) if compile_model else state.model
 
-    steps = max(1, len(images) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps)
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    step_model = torch.compile(model) if compile_model else model
-
-    history, best, train_seconds, first_epoch = [], None, 0.0, 1
     states = resume.state_store(dataset_uri, {
         "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "pretrained": pretrained, "weights": weights,
+        "seed": seed, "pretrained": pretrained, "weights": weights, "recipe": asdict(recipe),
     })
     saved = resume.load(states, device)
     if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        generator.set_state(saved["generator"].cpu())  # RNG states live on the CPU whatever the device
-        torch.set_rng_state(saved["cpu_rng"].cpu())
-        history, best, train_seconds = saved["history"], saved["best"], saved["train_seconds"]
-        first_epoch = saved["epoch"] + 1
-        log.warning("%s: resuming after epoch %d from %s", backbone, saved["epoch"], states.uri_of("last.pt"))
+        state.load_state_dict(saved)
+        log.warning("%s: resuming after epoch %d from %s", backbone, state.epoch, states.uri_of("last.pt"))
     # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
-    telemetry = TrainTelemetry(backbone, epochs, history=history, samples_per_epoch=steps * batch_size)
-    for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        start, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        order = torch.randperm(len(images), device=device, generator=generator)
-        for step in progress(range(steps), desc=f"{backbone} epoch {epoch}/{epochs}", unit="batch"):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = training_batch(images, idx, generator, mean, std)
-            total_loss += training_step(step_model, x, labels[idx], loss_fn, optimizer, scaler)
-            scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
+    telemetry = TrainTelemetry(backbone, epochs, history=state.history,
+                               samples_per_epoch=min(plan.steps * batch_size, len(images)))
+    while state.epoch < epochs:
+        row = run_epoch(state, plan)
+        val = validate(state.eval_model, vx, vy, plan.mean, plan.std)
+        row.update(val_loss=val["val_loss"], val_auc=val["val_auc"])
+        state.history.append(row)
+        state.train_seconds += row["seconds"]
+        state.epoch = row["epoch"]
+        telemetry.epoch_done(row, samples=row["images"])
+        best = state.best
+        if best is None or (row["val_auc"], -row["val_loss"]) > (best["val_auc"], -best["val_loss"]):
+            state.best = {**row, "state": copy.deepcopy(state.eval_model.state_dict()),
+                          "prob": torch.from_numpy(val["prob"])}
+        resume.save(states, state.state_dict())
+        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, state.epoch,
+                 epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["images_per_second"])
 
-        prob = predict(model, vx, mean, std)
-        val_loss = float(torch.nn.functional.binary_cross_entropy(
-            torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(vy).double()))
-        val_auc = classification_report(vy, prob, 0.5, ds.classes)["auc"]
-        row = {"epoch": epoch, "train_loss": total_loss.item() / steps, "val_loss": val_loss, "val_auc": val_auc,
-               "seconds": seconds, "images_per_second": steps * batch_size / seconds}
-        history.append(row)
-        telemetry.epoch_done(row, samples=steps * batch_size)
-        if best is None or (val_auc, -val_loss) > (best["val_auc"], -best["val_loss"]):
-            best = {**row, "state": copy.deepcopy(model.state_dict()), "prob": torch.from_numpy(prob)}
-        resume.save(states, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
-            "cpu_rng": torch.get_rng_state(), "history": history, "best": best, "train_seconds": train_seconds,
-        })
-        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, epoch,
-                 epochs, row["train_loss"], val_loss, val_auc, row["images_per_second"])
-
-    model.load_state_dict(best["state"])
-    best_prob = best["prob"].cpu().numpy()
-    threshold = choose_threshold(vy, best_prob)
+    chosen = select(state, vx, vy, val_entries, ds.classes, plan.mean, plan.std, threshold_rule, tta, seed)
     meta = {
         "backbone": backbone, "classes": ds.classes, "image_size": int(tx.shape[-1]),
-        "mean": mean, "std": std, "epochs": epochs, "best_epoch": best["epoch"], "threshold": threshold,
-        "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source,
-        "seconds": train_seconds, "images_per_second": epochs * steps * batch_size / train_seconds,
-        "history": history, "val": classification_report(vy, best_prob, threshold, ds.classes, ci_seed=seed),
-        "device": str(device),
+        "mean": plan.mean, "std": plan.std, "epochs": epochs, "best_epoch": state.best["epoch"],
+        "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source, "recipe": asdict(recipe),
+        "seconds": state.train_seconds,
+        "images_per_second": sum(r["images"] for r in state.history) / state.train_seconds,
+        "history": state.history, "device": str(device), **chosen,
     }
-    save_checkpoint(checkpoint_path, model, **meta)
+    save_checkpoint(checkpoint_path, state.model, **meta)
     telemetry.done()
     return meta

@@ -1,6 +1,6 @@
 """What users and operators see of a real kfp local run of the pipeline (one backbone, 1 epoch, 32 px):
-the executor output the KFP v2 UI renders, the TorchScript Model artifact, Prometheus metrics in a
-real pushgateway and progress lines in the task logs."""
+the executor output the KFP v2 UI renders, the Model artifact (checkpoint, torch.export and ONNX forms),
+Prometheus metrics in a real pushgateway and progress lines in the task logs."""
 import contextlib
 import io
 import json
@@ -14,9 +14,10 @@ from kfp import local
 
 from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.components.evaluate import evaluate_op
+from pneumonia_kfp.components.report import report_op
 from pneumonia_kfp.components.train import train_op
 from pneumonia_kfp.data import StoredDataset
-from pneumonia_kfp.export import load_exported
+from pneumonia_kfp.export import CHECKPOINT, load_onnx, load_pt2
 from pneumonia_kfp.pipelines.pipeline import build_pipeline
 from pneumonia_kfp.telemetry import ENV_PROGRESS, ENV_PROGRESS_SECONDS, ENV_PUSHGATEWAY
 from tests.pushgateway import scrape
@@ -55,8 +56,10 @@ def test_output_types_are_the_ones_the_ui_renders():
     outputs = evaluate_op.component_spec.outputs
     assert outputs["metrics"].type.startswith("system.Metrics@")
     assert outputs["classification"].type.startswith("system.ClassificationMetrics@")
-    models = train_op.component_spec.outputs
-    assert models["model"].type.startswith("system.Model@") and models["torchscript"].type.startswith("system.Model@")
+    assert train_op.component_spec.outputs["model"].type.startswith("system.Model@")
+    report = report_op.component_spec.outputs
+    assert report["ensemble_classification"].type.startswith("system.ClassificationMetrics@")
+    assert report["ensemble_metrics"].type.startswith("system.Metrics@")
 
 
 def test_confusion_matrix_and_roc_in_the_ui_layout(run):
@@ -97,20 +100,31 @@ def test_scalar_metrics_in_the_ui_layout(run):
     assert meta["best_epoch"] == 1 and meta["test_n"] == 24 and meta["parameters"] > 1_000_000
 
 
-def test_torchscript_model_artifact_predicts_like_the_checkpoint(run):
-    train = run["outputs"]["train-op"]
-    checkpoint, exported = _artifact(train, "model"), _artifact(train, "torchscript")
-    assert exported["metadata"]["format"] == "torchscript" and exported["metadata"]["backbone"] == BACKBONE
-    module, info = load_exported(exported["uri"])
-    assert info["threshold"] == pytest.approx(checkpoint["metadata"]["threshold"])
-    model, ckpt = load_checkpoint(checkpoint["uri"])
+def test_model_artifact_is_a_directory_whose_exported_forms_predict_like_the_checkpoint(run):
+    model = _artifact(run["outputs"]["train-op"], "model")
+    assert model["metadata"]["formats"] == {"torch.export": "model.pt2", "onnx": "model.onnx"}
+    assert model["metadata"]["threshold_rule"] == "balanced"
+    module, info = load_pt2(f"{model['uri']}/model.pt2")
+    session, _ = load_onnx(f"{model['uri']}/model.onnx")
+    assert info["threshold"] == pytest.approx(model["metadata"]["threshold"])
+    net, ckpt = load_checkpoint(f"{model['uri']}/{CHECKPOINT}")
     dataset = _artifact(run["outputs"]["ingest-op"], "dataset")["metadata"]["uri"]
     x, _, _ = StoredDataset(dataset).split("test")
-    expected = predict(model, x, ckpt["mean"], ckpt["std"])
+    expected = predict(net, x, ckpt["mean"], ckpt["std"])
     with torch.inference_mode():
         got = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert ((got >= info["threshold"]) == (expected >= info["threshold"])).all()
+    np.testing.assert_allclose(session.run(None, {"images": x})[0], expected, atol=1e-4)
+    results = json.loads(open(_artifact(run["outputs"]["evaluate-op"], "results")["uri"]).read())
+    assert results["model_uri"] == model["uri"]
+
+
+def test_one_backbone_has_no_ensemble_and_a_predictions_csv(run):
+    report = run["outputs"]["report-op"]
+    assert _artifact(report, "ensemble_classification").get("metadata", {}) == {}
+    rows = open(_artifact(report, "predictions")["uri"]).read().splitlines()
+    assert rows[0] == f"split,file,patient,label,prob_{BACKBONE}"
+    assert sum(r.startswith("test,") for r in rows) == 24
 
 
 def test_ingest_and_train_tasks_push_their_metrics(run, pushgateway):  # noqa: F811

@@ -2,7 +2,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from pneumonia_kfp.metrics import bootstrap_ci, choose_threshold, classification_report, roc_points
+from pneumonia_kfp.metrics import (
+    TARGET_SENSITIVITY,
+    THRESHOLD_RULES,
+    bootstrap_ci,
+    choose_threshold,
+    classification_report,
+    rates_at,
+    roc_points,
+    sensitivity_threshold,
+    thresholds,
+    weighted_auc,
+)
 
 
 def _scores(n=400, seed=0):
@@ -58,3 +69,61 @@ def test_roc_points_are_finite_and_thinned():
     roc = roc_points(y, prob, max_points=50)
     assert len(roc["fpr"]) <= 50 and roc["fpr"][0] == 0 and roc["tpr"][-1] == 1
     assert all(0 <= t <= 1 for t in roc["thresholds"])
+
+
+def test_sensitivity_rule_is_the_highest_threshold_reaching_the_target():
+    y, prob = _scores()
+    t = sensitivity_threshold(y, prob)
+    sens = lambda thr: ((prob >= thr) & (y == 1)).sum() / (y == 1).sum()  # noqa: E731
+    assert sens(t) >= TARGET_SENSITIVITY
+    higher = np.unique(prob[prob > t])
+    assert higher.size and sens(higher.min()) < TARGET_SENSITIVITY  # the next candidate up falls short
+    assert rates_at(y, prob, t)["sensitivity"] == pytest.approx(sens(t))
+
+
+def test_every_rule_has_a_threshold():
+    y, prob = _scores()
+    rules = thresholds(y, prob)
+    assert tuple(rules) == THRESHOLD_RULES and rules["balanced"] == 0.5
+    assert rules["youden"] == choose_threshold(y, prob) and rules["sensitivity95"] == sensitivity_threshold(y, prob)
+    assert thresholds([1, 1, 1], [0.2, 0.4, 0.9]) == {"balanced": 0.5, "youden": 0.5, "sensitivity95": 0.5}
+
+
+def test_patient_bootstrap_resamples_whole_patients():
+    """Four images per patient with the same prediction: resampling images treats them as
+    independent and gives too narrow an interval; resampling patients does not."""
+    y1, p1 = _scores(100, seed=4)
+    y, prob = np.repeat(y1, 4), np.repeat(p1, 4)
+    patients = np.repeat([f"person{i}" for i in range(100)], 4)
+    per_image = bootstrap_ci(y, prob, 0.5, seed=1)
+    per_patient = bootstrap_ci(y, prob, 0.5, seed=1, groups=patients)
+    for key in ("accuracy", "auc", "sensitivity"):
+        assert per_patient[key][1] - per_patient[key][0] > 1.5 * (per_image[key][1] - per_image[key][0])
+    # a patient of its own per image is the image bootstrap
+    singletons = [f"f{i:03d}" for i in range(100)]
+    assert bootstrap_ci(y1, p1, 0.5, seed=2, groups=singletons) == bootstrap_ci(y1, p1, 0.5, seed=2)
+    r = classification_report(y, prob, 0.5, ["a", "b"], groups=patients)
+    assert r["bootstrap"] == {"unit": "patient", "clusters": 100}
+    assert classification_report(y1, p1, 0.5, ["a", "b"])["bootstrap"] == {"unit": "image", "clusters": 100}
+
+
+def test_patient_bootstrap_keeps_each_resample_to_whole_patients():
+    from pneumonia_kfp.metrics import _cluster_weights
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    groups = ["a", "a", "b", "c", "c", "c", "d"]
+    w, n = _cluster_weights(y, groups, 200, np.random.default_rng(0))
+    assert n == 4 and w.shape == (200, 7)
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 3] == w[:, 4]).all() and (w[:, 4] == w[:, 5]).all()
+    # each class keeps its number of patients: 2 negative, 2 positive draws
+    assert ((w[:, 0] + w[:, 2]) == 2).all() and ((w[:, 3] + w[:, 6]) == 2).all()
+
+
+def test_weighted_auc_is_sklearns_with_sample_weights():
+    from sklearn.metrics import roc_auc_score
+
+    y, prob = _scores(300, seed=5)
+    prob = np.round(prob, 2)  # many ties
+    w = np.random.default_rng(0).integers(0, 4, (6, 300)).astype(float)
+    expected = [roc_auc_score(y, prob, sample_weight=row) for row in w]
+    np.testing.assert_allclose(weighted_auc(y, prob, w), expected, rtol=1e-12)

@@ -35,7 +35,7 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["uri"].startswith("s3://pipeline-bucket/e2e/datasets/")
     assert results["dataset"]["counts"]["test"] == {"NORMAL": 12, "PNEUMONIA": 12}
-    assert sorted(m["backbone"] for m in results["models"]) == ["efficientnet_b0", "resnet18"]
+    assert [m["backbone"] for m in results["models"]] == ["efficientnet_b0", "resnet18", "ensemble"]
     for m in results["models"]:
         assert RESULT_KEYS <= set(m)
         assert SPLIT_KEYS <= set(m["test"]) and SPLIT_KEYS <= set(m["val"])
@@ -43,6 +43,13 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
         assert sum(map(sum, m["test"]["confusion_matrix"])) == m["test"]["n"] == 24
         assert m["test"]["labels"] == ["NORMAL", "PNEUMONIA"]
         assert {"seconds", "images_per_second", "best_epoch"} <= set(m["train"])
+        assert [op["rule"] for op in m["operating_points"]] == ["balanced", "youden", "sensitivity95"]
+    # each backbone's model directory, copied out of the runner's artifacts; per-image predictions
+    for name in ("efficientnet_b0", "resnet18"):
+        assert {p.name for p in (out / "models" / name).iterdir()} == {"checkpoint.pt", "model.pt2", "model.onnx",
+                                                                       "metadata.json"}
+    header = (out / "predictions.csv").read_text().splitlines()[0]
+    assert header == "split,file,patient,label,prob_efficientnet_b0,prob_resnet18,prob_ensemble"
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for name in ("resnet18", "efficientnet_b0"):
         assert name in md and name in page

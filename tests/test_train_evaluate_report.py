@@ -1,5 +1,6 @@
-"""train -> evaluate -> report cores on a small ingested synthetic dataset; the HTML report in a real
-headless Chromium; the TorchScript export against its checkpoint."""
+"""train -> evaluate -> report cores on a small ingested synthetic dataset: operating points, the
+ensemble, per-image predictions, external evaluation; the HTML report in a real headless Chromium;
+the torch.export and ONNX forms against their checkpoint."""
 import copy
 import json
 import math
@@ -16,10 +17,10 @@ import torch
 from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.evaluation import evaluate, ui_scalars
-from pneumonia_kfp.export import export_torchscript, load_exported
+from pneumonia_kfp.export import CHECKPOINT, export_model, load_onnx, load_pt2
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.report import BEST_RULE, HEADER, MAX_HTML_BYTES, best_model, html_report, report
-from pneumonia_kfp.training import train, train_val_split
+from pneumonia_kfp.training import TrainingState, train, train_val_split
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,17 @@ def trained(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     runs = {}
     for name in ("resnet18", "efficientnet_b0"):
-        meta = train(dataset["uri"], name, str(out / f"{name}.pt"), epochs=3, batch_size=16, seed=0)
-        runs[name] = (out / f"{name}.pt", meta)
+        (out / name).mkdir()
+        meta = train(dataset["uri"], name, str(out / name / CHECKPOINT), epochs=3, batch_size=16, seed=0)
+        runs[name] = (out / name / CHECKPOINT, meta)
     return runs
 
 
 def test_small_val_is_a_patient_grouped_carve_out(dataset):
     ds = StoredDataset(dataset["uri"])
-    (tx, ty), (vx, vy), how = train_val_split(ds, seed=0)
+    (tx, ty), (vx, vy, ve), how = train_val_split(ds, seed=0)
     assert "carved from train" in how and len(vy) + len(ty) == 80 and 0 < len(vy) < 20
+    assert len(ve) == len(vy) and [ds.classes.index(e["class"]) for e in ve] == vy.tolist()
     assert set(vy.tolist()) == {0, 1}
     # find each returned image's patient (the synthetic images are all distinct)
     x_all, _, entries = ds.split("train")
@@ -60,6 +63,39 @@ def test_train_picks_best_epoch_and_threshold_on_validation(trained):
     assert ckpt["best_epoch"] == meta["best_epoch"] and ckpt["backbone"] == "resnet18"
     assert model.get_classifier().out_features == 2
     assert all(h["images_per_second"] > 0 for h in meta["history"])
+    # every rule's threshold from validation; the default is the named rule's
+    assert set(meta["thresholds"]) == {"balanced", "youden", "sensitivity95"} and meta["thresholds"]["balanced"] == 0.5
+    assert meta["threshold_rule"] == "balanced" and meta["threshold"] == 0.5
+    assert meta["recipe"] == {"augmentation": "default", "label_smoothing": 0.1, "ema": True}
+    vp = meta["val_predictions"]
+    assert len(vp["prob"]) == len(vp["file"]) == meta["val"]["n"] and all(f.startswith("train/") for f in vp["file"])
+    assert meta["val"]["bootstrap"]["unit"] == "patient"  # synthetic files carry patient ids, two images each
+
+
+def test_throughput_counts_the_images_actually_seen(dataset, tmp_path):
+    """A batch larger than the training set holds only the training set: 1 step of n images an epoch."""
+    meta = train(dataset["uri"], "resnet18", str(tmp_path / "m.pt"), epochs=1, batch_size=512, seed=0)
+    n_train = 80 - meta["val"]["n"]
+    (row,) = meta["history"]
+    assert row["images"] == n_train
+    assert row["images_per_second"] == pytest.approx(n_train / row["seconds"])
+    assert meta["images_per_second"] == pytest.approx(n_train / meta["seconds"])
+
+
+def test_training_state_lists_its_checkpoint_keys_once(dataset, tmp_path):
+    import torch
+
+    from pneumonia_kfp.training import Recipe, build_state
+
+    state = build_state("resnet18", torch.device("cpu"), 5, 2, 1e-3, 0, Recipe(), False, "")
+    saved = state.state_dict()
+    assert set(saved) == set(TrainingState.CHECKPOINT_KEYS)
+    other = build_state("resnet18", torch.device("cpu"), 5, 2, 1e-3, 1, Recipe(), False, "")
+    other.load_state_dict(saved)
+    for a, b in zip(state.model.state_dict().values(), other.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="lacks best"):
+        other.load_state_dict({k: v for k, v in saved.items() if k != "best"})
 
 
 def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder, trained, tmp_path):
@@ -89,40 +125,117 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder
 
 def test_evaluate_uses_the_checkpoint_threshold_on_test(dataset, trained):
     path, meta = trained["resnet18"]
-    r = evaluate(dataset["uri"], str(path))
+    r = evaluate(dataset["uri"], str(path.parent))  # the model directory
     assert r["threshold"] == meta["threshold"] and r["val"] == meta["val"]
     assert r["test"]["n"] == 24 == sum(map(sum, r["test"]["confusion_matrix"]))
+    assert r["test"]["bootstrap"] == {"unit": "patient", "clusters": 12}
     model, ckpt = load_checkpoint(path)
     x, y, _ = StoredDataset(dataset["uri"]).split("test")
     pred = predict(model, x, ckpt["mean"], ckpt["std"]) >= meta["threshold"]
     (tn, fp), (fn, tp) = r["test"]["confusion_matrix"]
     assert tp == int((pred & (y == 1)).sum()) and tn == int((~pred & (y == 0)).sum())
     assert set(r["test"]["ci95"]) == {"accuracy", "f1", "auc", "sensitivity", "specificity"}
-
-
-def test_report_compares_every_model(dataset, trained):
-    models = [evaluate(dataset["uri"], str(p)) for p, _ in trained.values()]
-    results, md, page = report(dataset, models)
-    assert [m["backbone"] for m in results["models"]] == ["efficientnet_b0", "resnet18"]
-    best = best_model(models)["backbone"]
-    assert results["best"] == {"backbone": best, "rule": BEST_RULE}
-    for name in ("resnet18", "efficientnet_b0"):
-        assert name in md and name in page
-    assert f"Best model: {best}" in md and "selected on test in the original" in md
-    assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in page  # the dataset came from make_synthetic
-    assert "Its val split has 0 images (< 100): each model validated on a patient-grouped carve-out" in md
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 3  # ROC + one per model
-    assert not re.search(r'(src|href)="https?://', page)  # self-contained
-    json.dumps(results)  # serialisable as results.json
+    # every rule's validation threshold with its test figures, counted here from the predictions
+    ops = {op["rule"]: op for op in r["operating_points"]}
+    assert set(ops) == {"balanced", "youden", "sensitivity95"} and ops["balanced"]["default"]
+    prob = predict(model, x, ckpt["mean"], ckpt["std"])
+    for rule, op in ops.items():
+        assert op["threshold"] == meta["thresholds"][rule]
+        called = prob >= op["threshold"]
+        assert op["test"]["sensitivity"] == pytest.approx(called[y == 1].mean())
+        assert op["test"]["specificity"] == pytest.approx((~called[y == 0]).mean())
+    assert r["predictions"]["test"]["prob"] == pytest.approx(prob.tolist(), abs=1e-6)
 
 
 @pytest.fixture(scope="module")
 def evaluated(dataset, trained):
-    return [evaluate(dataset["uri"], str(p)) for p, _ in trained.values()]
+    return [evaluate(dataset["uri"], str(p.parent)) for p, _ in trained.values()]
+
+
+def _test_images(dataset):
+    x, _, entries = StoredDataset(dataset["uri"]).split("test")
+    return {e["path"]: x[i] for i, e in enumerate(entries)}
+
+
+def test_report_compares_every_model_and_their_ensemble(dataset, evaluated):
+    results, md, page, _ = report(dataset, evaluated, images=_test_images(dataset))
+    assert [m["backbone"] for m in results["models"]] == ["efficientnet_b0", "resnet18", "ensemble"]
+    best = best_model(results["models"])["backbone"]
+    assert results["best"] == {"backbone": best, "rule": BEST_RULE}
+    for name in ("resnet18", "efficientnet_b0", "ensemble"):
+        assert f"| {name} |" in md and f"<td>{name}</td>" in page
+    assert f"Best model: {best}" in md and "selected on test in the original" in md
+    assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in page  # the dataset came from make_synthetic
+    assert "Its val split has 0 images (< 100): each model validated on a patient-grouped carve-out" in md
+    assert "## Operating points" in md and "sensitivity95" in md and "balanced (default)" in md
+    figures = re.findall(r'<img alt="[^"]*(?:ROC|training curves)[^"]*" src="data:image/png;base64,', page)
+    assert len(figures) == 4  # ROC + one per model + the ensemble's confusion matrix
+    assert not re.search(r'(src|href)="https?://', page)  # self-contained
+    assert all("predictions" not in m for m in results["models"])  # per-image rows go to the CSV
+    json.dumps(results)  # serialisable as results.json
+
+
+def test_ensemble_is_the_mean_probability_with_its_own_validation_thresholds(dataset, evaluated):
+    from pneumonia_kfp.evaluation import ensemble
+    from pneumonia_kfp.metrics import thresholds
+
+    e = ensemble(evaluated)
+    assert e["backbone"] == "ensemble" and sorted(e["members"]) == ["efficientnet_b0", "resnet18"]
+    for split in ("val", "test"):
+        mean = np.mean([m["predictions"][split]["prob"] for m in evaluated], axis=0)
+        assert e["predictions"][split]["prob"] == pytest.approx(mean.tolist())
+    val = e["predictions"]["val"]
+    assert e["thresholds"] == thresholds(val["label"], val["prob"]) and e["threshold"] == 0.5
+    pred = np.array(e["predictions"]["test"]["prob"]) >= e["threshold"]
+    y = np.array(e["predictions"]["test"]["label"])
+    assert e["test"]["confusion_matrix"] == [[int((~pred & (y == 0)).sum()), int((pred & (y == 0)).sum())],
+                                             [int((~pred & (y == 1)).sum()), int((pred & (y == 1)).sum())]]
+    assert ensemble(evaluated[:1]) is None  # one backbone: nothing to average
+    swapped = copy.deepcopy(evaluated)
+    swapped[1]["predictions"]["test"]["file"][0] = "test/NORMAL/other.jpeg"
+    with pytest.raises(Exception, match="scored other test images"):
+        ensemble(swapped)
+
+
+def test_predictions_csv_has_every_image_and_model(dataset, evaluated):
+    import csv
+    import io
+
+    _, _, _, text = report(dataset, evaluated)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["split", "file", "patient", "label", "prob_efficientnet_b0", "prob_resnet18",
+                             "prob_ensemble"]
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("val", "test")}
+    assert len(by_split["test"]) == 24 and len(by_split["val"]) == evaluated[0]["val"]["n"]
+    m = {r["backbone"]: r for r in evaluated}
+    for i, row in enumerate(by_split["test"]):
+        assert row["file"] == m["resnet18"]["predictions"]["test"]["file"][i]
+        assert row["label"] in ("NORMAL", "PNEUMONIA") and row["patient"]
+        p18 = m["resnet18"]["predictions"]["test"]["prob"][i]
+        pb0 = m["efficientnet_b0"]["predictions"]["test"]["prob"][i]
+        assert float(row["prob_resnet18"]) == pytest.approx(p18, abs=1e-6)
+        assert float(row["prob_ensemble"]) == pytest.approx((p18 + pb0) / 2, abs=1e-6)
+
+
+def test_report_shows_the_most_confident_test_errors(dataset, evaluated):
+    from pneumonia_kfp.report import confident_errors
+
+    model = copy.deepcopy(evaluated[0])
+    model["threshold"] = 0.0  # everything called positive: every NORMAL image is a false positive
+    errors = confident_errors(model)
+    block = model["predictions"]["test"]
+    negatives = sorted((p for p, y in zip(block["prob"], block["label"], strict=True) if y == 0), reverse=True)
+    assert [e["prob"] for e in errors] == negatives[:4] and all(e["label"] == 0 for e in errors)
+    results, _, page, _ = report(dataset, evaluated, images=_test_images(dataset))
+    best = next(m for m in results["models"] if m["backbone"] == results["best"]["backbone"])
+    (_, fp), (fn, _) = best["test"]["confusion_matrix"]
+    thumbs = re.findall(r'<figure><img alt="false (positive|negative)" src="data:image/png;base64,', page)
+    assert thumbs == ["positive"] * min(fp, 4) + ["negative"] * min(fn, 4)
+    assert "Most confident test errors" in page
 
 
 def test_report_table_has_every_figure_with_confidence_intervals(dataset, evaluated):
-    results, md, page = report(dataset, evaluated)
+    results, md, page, _ = report(dataset, evaluated)
     header = next(line for line in md.splitlines() if line.startswith("| backbone"))
     for column in ("parameters", "accuracy % (95% CI)", "F1 (95% CI)", "sensitivity % (95% CI)",
                    "specificity % (95% CI)", "AUC (95% CI)", "train time", "img/s"):
@@ -139,7 +252,7 @@ def test_report_table_has_every_figure_with_confidence_intervals(dataset, evalua
         assert m["parameters"] > 1_000_000
     seed = next(line for line in md.splitlines() if "(seed, AIMI Lab1)" in line)
     assert "selected on test in the original" in seed and "94.39" in seed
-    assert "1,000 resamples" in md and "Youden" in md
+    assert "1,000 resamples" in md and "bootstrap of patients (12 patients" in md and "rule 'balanced'" in md
 
 
 def test_ui_scalars_are_finite_numbers(evaluated):
@@ -160,11 +273,85 @@ def test_report_html_stays_under_2_mb_with_many_models(dataset, evaluated):
         m["backbone"] = f"{m['backbone']}_{i}"
         m["train"]["history"] = [dict(m["train"]["history"][0], epoch=e, val_auc=0.5 + e / 100) for e in range(1, 41)]
         models.append(m)
-    results, _, page = report(dataset, models)
+    results, _, page, _ = report(dataset, models, images=_test_images(dataset))
     assert len(page.encode()) <= MAX_HTML_BYTES
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 13
-    small = html_report(results, max_bytes=len(page.encode()) - 1)  # forced down to a lower resolution
+    assert len(re.findall(r'<img alt="[^"]*(?:ROC|training curves)', page)) == 14  # ROC, 12 models, ensemble
+    full = {**results, "models": [*sorted(models, key=lambda m: m["backbone"]), results["models"][-1]]}
+    small = html_report(full, max_bytes=len(page.encode()) - 1)  # forced down to a lower resolution
     assert len(small.encode()) < len(page.encode())
+
+
+def _external_folder(root, with_test_dir: bool):
+    """A test-only ImageFolder (root/test/<class>/) or bare class folders (root/<class>/)."""
+    from pneumonia_kfp.synthetic import make_synthetic
+
+    made = make_synthetic(root / "made", {"test": 6}, size=48, seed=5)
+    target = root / "ext"
+    shutil.copytree(made / "test", target / "test" if with_test_dir else target)
+    return target
+
+
+@pytest.mark.parametrize("with_test_dir", [True, False])
+def test_evaluate_scores_a_model_on_another_image_folder(trained, tmp_path, with_test_dir):
+    from pneumonia_kfp.evaluation import evaluate_folder, load_folder
+
+    data = _external_folder(tmp_path, with_test_dir)
+    path, meta = trained["resnet18"]
+    results = evaluate_folder(str(path.parent), str(data), tmp_path / "out")
+    for name in ("results.json", "report.md", "report.html", "predictions.csv"):
+        assert (tmp_path / "out" / name).is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(json.dumps(results))
+    (m,) = results["models"]
+    assert m["test"]["n"] == 12 and m["threshold"] == meta["threshold"] and results["dataset"]["external"]
+    x, y, _ = load_folder(str(data), 32, ["NORMAL", "PNEUMONIA"])
+    model, ckpt = load_checkpoint(path)
+    pred = predict(model, x, ckpt["mean"], ckpt["std"]) >= meta["threshold"]
+    assert m["test"]["confusion_matrix"][1][1] == int((pred & (y == 1)).sum())
+    assert "External evaluation of" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_evaluate_cli_answers_bad_input_in_one_line(trained, tmp_path, capsys):
+    from pneumonia_kfp.pipelines.cli import main
+
+    data = _external_folder(tmp_path, True)
+    (data / "test" / "COVID").mkdir()
+    path, _ = trained["resnet18"]
+    for argv, message in ((["--model", str(tmp_path / "nothing"), "--data", str(data)], "no checkpoint there"),
+                          (["--model", str(path.parent), "--data", str(data)], "has class folders ['COVID'")):
+        assert main(["evaluate", *argv, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    shutil.rmtree(data / "test" / "COVID")
+    assert main(["evaluate", "--model", str(path.parent), "--data", str(data), "--output", str(tmp_path / "o")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_external_data_in_the_same_run(dataset, trained, tmp_path):
+    data = _external_folder(tmp_path, False)
+    path, _ = trained["resnet18"]
+    r = evaluate(dataset["uri"], str(path.parent), external_data=str(data))
+    assert r["external"]["n"] == 12 and r["test"]["n"] == 24
+    assert all("external" in op for op in r["operating_points"])
+    assert {"external_accuracy", "external_auc_ci95_low"} <= set(ui_scalars(r))
+    _, md, _, csv_text = report(dataset, [r])
+    assert "## External data" in md and csv_text.count("\nexternal,") == 12
+
+
+def test_resume_key_follows_the_code(tmp_path, monkeypatch):
+    """A change to any library module gives a new resume key: an old last.pt is never reused."""
+    import pneumonia_kfp
+    from pneumonia_kfp import resume
+
+    copy_dir = tmp_path / "pneumonia_kfp"
+    shutil.copytree(pneumonia_kfp.__path__[0], copy_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(resume, "__file__", str(copy_dir / "resume.py"))
+    uri = (tmp_path / "store" / "datasets" / "abc").as_uri()
+    before = resume.state_store(uri, {"backbone": "resnet18"}).uri
+    assert resume.state_store(uri, {"backbone": "resnet18"}).uri == before  # stable
+    assert resume.code_identity()["package"] == "0.1.0"
+    with open(copy_dir / "augmentation.py", "a") as f:
+        f.write("\n# a fix\n")
+    assert resume.state_store(uri, {"backbone": "resnet18"}).uri != before
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -207,7 +394,7 @@ def test_chromium_network_check_catches_an_external_reference(tmp_path):
 
 
 def test_html_report_renders_in_chromium_without_network(dataset, evaluated, tmp_path):
-    _, _, page = report(dataset, evaluated)
+    _, _, page, _ = report(dataset, evaluated, images=_test_images(dataset))
     assert not re.search(r"https?://", page)  # no external URL anywhere in the page
     html_file = tmp_path / "report.html"
     html_file.write_text(page)
@@ -222,19 +409,25 @@ def test_html_report_renders_in_chromium_without_network(dataset, evaluated, tmp
     assert dark > 2000 and colour > 2000, (dark, colour)
 
 
-def test_torchscript_export_predicts_like_the_checkpoint(dataset, trained, tmp_path):
+def test_exported_forms_predict_like_the_checkpoint(dataset, trained):
+    """torch.export (.pt2) and ONNX (onnxruntime, CPU) against the checkpoint, at other batch sizes
+    than the export example's."""
     for name, (path, meta) in trained.items():
-        target = tmp_path / f"{name}.torchscript.pt"
-        info = export_torchscript(str(path), str(target))
-        module, stored = load_exported(str(target))
-        assert stored == info and stored["threshold"] == meta["threshold"] and stored["backbone"] == name
-        assert stored["classes"] == ["NORMAL", "PNEUMONIA"] and stored["image_size"] == 32
+        info = export_model(path.parent)
+        assert json.loads((path.parent / "metadata.json").read_text()) == info
+        module, pt2_info = load_pt2(path.parent / "model.pt2")
+        session, onnx_info = load_onnx(path.parent / "model.onnx")
+        assert pt2_info == onnx_info == info and info["threshold"] == meta["threshold"] and info["backbone"] == name
+        assert info["classes"] == ["NORMAL", "PNEUMONIA"] and info["image_size"] == 32
         model, ckpt = load_checkpoint(path)
         x, _, _ = StoredDataset(dataset["uri"]).split("test")
         expected = predict(model, x, ckpt["mean"], ckpt["std"])
         with torch.inference_mode():
-            got = module(torch.from_numpy(x)).numpy()  # 24 images: not the traced batch size of 2
+            got = module(torch.from_numpy(x)).numpy()  # 24 images: not the export example's batch of 2
             one = module(torch.from_numpy(x[:1])).numpy()
+        from_onnx = session.run(None, {"images": x})[0]
         np.testing.assert_allclose(got, expected, atol=1e-5)
         np.testing.assert_allclose(one, expected[:1], atol=1e-5)
+        np.testing.assert_allclose(from_onnx, expected, atol=1e-4)
         assert ((got >= meta["threshold"]) == (expected >= meta["threshold"])).all()
+        assert ((from_onnx >= meta["threshold"]) == (expected >= meta["threshold"])).all()
