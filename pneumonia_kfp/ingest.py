@@ -94,7 +94,8 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
     rejected files out. Either way the validation report lists each one and why. ``workers``:
     processes for the per-file work (default: the usable cores).
     """
-    check_run_params({"image_size": image_size, "seed": seed, "on_invalid": on_invalid})
+    check_run_params({"data": data, "storage": storage, "image_size": image_size, "seed": seed,
+                      "on_invalid": on_invalid})
     settings = Settings(image_size, seed, on_invalid, max_pixels())
     telemetry = IngestTelemetry()  # Prometheus pushgateway, when configured
     root = open_store(storage)

@@ -256,3 +256,14 @@ def test_a_file_swapped_during_ingest_is_consistent_and_seen_next_time(data, tmp
     assert again["sha"] != first["sha"]
     [entry] = [e for e in StoredDataset(again["uri"]).manifest["files"] if e["path"] == relpath]
     assert entry["sha256"] == hashlib.sha256(image_b).hexdigest()
+
+
+@pytest.mark.parametrize("data, storage, message", [
+    ("file://nas/xray", "file:///tmp/store", "data URI 'file://nas/xray' names the host 'nas'"),
+    ("/tmp/xray", "gs://bucket/x", "scheme gs:// is not supported"),
+])
+def test_ingest_checks_its_uris_itself(data, storage, message):  # as the cluster's ingest task calls it
+    from pneumonia_kfp.storage import StorageError
+
+    with pytest.raises(StorageError, match=message):
+        ingest(data, storage, image_size=32)
