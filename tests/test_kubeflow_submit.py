@@ -185,8 +185,8 @@ def test_bad_parameter_is_rejected_before_any_request(kfp_api, capsys, args, mes
 
 @pytest.mark.parametrize("params, message", [
     (["--param", "storage=s3://bucket/x"], "missing --param data=... (no default)"),
-    (["--param", "data=/home/me/xray", "--param", "storage=s3://b/p"], "--param data=/home/me/xray: a path"),
-    (["--param", "data=s3://b/x", "--param", "storage=file:///tmp/store"], "use s3://bucket/prefix"),
+    (["--param", "data=/home/me/xray", "--param", "storage=s3://store/p"], "--param data=/home/me/xray: a path"),
+    (["--param", "data=s3://datasets/x", "--param", "storage=file:///tmp/store"], "use s3://bucket/prefix"),
 ])
 def test_missing_or_local_parameters(kfp_api, capsys, params, message):
     assert submit(kfp_api, *params) == 2
@@ -253,7 +253,7 @@ def test_storage_defaults_to_the_prefix_the_profile_may_write(kfp_api, capsys, n
 
 def test_storage_setting_and_param_override_the_default(kfp_api, capsys):
     assert submit(kfp_api, "--namespace", "team-a", "--set", "storage=s3://team-store/{namespace}/xray",
-                  "--param", "data=s3://b/x") == 0
+                  "--param", "data=s3://datasets/x") == 0
     run = next(r["body"] for r in kfp_api.requests if r["path"] == "/apis/v2beta1/runs")
     assert run["runtime_config"]["parameters"]["storage"] == "s3://team-store/team-a/xray"
 
