@@ -99,7 +99,9 @@ def test_killed_ingest_rerun_has_nothing_missing_or_duplicated(tmp_path, via_pro
     proxy = via_proxy(delay=0.3)  # a slow store: the kill lands while the version is being written
     cmd = [sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data", str(data), "--storage",
            "s3://killed/p", "--image-size", "32"]
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # a SIGKILLed ingest cannot remove its temporary dir
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = open_store("s3://killed/p")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -115,7 +117,7 @@ def test_killed_ingest_rerun_has_nothing_missing_or_duplicated(tmp_path, via_pro
     assert partial and not [k for k in partial if k.endswith("manifest.json")]  # killed before completing
 
     proxy.delay = 0
-    out = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     ds = StoredDataset(out.stdout.strip().splitlines()[-1])
     _all_files_whole(ds, data)
     assert len({e["path"] for e in ds.manifest["files"]}) == len(ds.manifest["files"])
@@ -151,7 +153,9 @@ def test_killed_ingest_leaves_no_worker_process(tmp_path):
     data = make_synthetic(tmp_path / "data", {"train": 400, "test": 20}, size=256)  # slow enough to kill while reading
     cmd = [sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data", str(data), "--storage",
            str(tmp_path / "store"), "--image-size", "32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline, workers = time.monotonic() + 60, []
     while time.monotonic() < deadline and len(workers) < 2:  # the reader processes (and multiprocessing's tracker)
         workers = [p for p in _children(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
