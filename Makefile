@@ -2,21 +2,22 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision: on this project's machines pip takes these releases from local disk.
-TORCH := torch==2.14.1 torchvision==0.29.1
+# exact versions of everything the project runs (torch==2.14.1, torchvision==0.29.1 among them: on this
+# project's machines pip takes those from local disk); images/Dockerfile installs the same file
+LOCK := requirements.lock
 OUT ?= out
 DATA ?=
 BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup system-packages run test lint compile image clean
+.PHONY: setup system-packages run test lint compile image lock clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r $(LOCK) -e '.[dev]'
+	$(BIN)/pip check
 	touch $@
 
 setup: $(BIN)/.installed
@@ -38,17 +39,27 @@ lint: setup
 compile: setup
 	$(BIN)/pneumonia-kfp compile -o pipeline.yaml $(if $(IMAGE),--image $(IMAGE))
 
-# `make image IMAGE=registry/name:tag [BASE_IMAGE=...]`: build images/Dockerfile (BuildKit) and push it.
-# A pinned tag only: the compiled pipeline must name exactly what was pushed, never :latest.
+# The default image tag: the package version and the lock's hash (components/kfp_defaults.py IMAGE_TAG),
+# so an image built from this checkout is the one its compiled pipeline expects.
+IMAGE_TAG = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pneumonia_kfp/__init__.py)-$(shell sha256sum $(LOCK) | cut -c1-12)
+IMAGE ?= $(if $(REGISTRY),$(REGISTRY)/pneumonia-kfp:$(IMAGE_TAG))
+
+# `make image REGISTRY=registry.example.com/team` (or IMAGE=registry/name:tag) [BASE_IMAGE=...]: build
+# images/Dockerfile (BuildKit) and push it. A pinned tag only: the compiled pipeline must name exactly
+# what was pushed, never :latest.
 image:
 	@case "$(lastword $(subst /, ,$(IMAGE)))" in \
-	  ""|*:latest|*:) echo "make image: set IMAGE=registry/name:tag with a pinned tag (not :latest)" >&2; exit 2;; \
+	  ""|*:latest|*:) echo "make image: set REGISTRY=registry/path (tag $(IMAGE_TAG)) or IMAGE=registry/name:tag with a pinned tag (not :latest)" >&2; exit 2;; \
 	  *:*) ;; \
 	  *) echo "make image: IMAGE=$(IMAGE) has no tag; use registry/name:tag" >&2; exit 2;; \
 	esac
 	DOCKER_BUILDKIT=1 docker build -f images/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 	docker push $(IMAGE)
 	@echo "pushed $(IMAGE); compile or submit with --image $(IMAGE)"
+
+# rewrite requirements.lock (and the lock hash in the default image tag) from pyproject.toml's ranges
+lock: setup
+	$(BIN)/python scripts/lock.py
 
 clean:
 	rm -rf $(VENV) $(OUT) pipeline.yaml

@@ -1,4 +1,4 @@
-"""evaluate step: one model on the test split (and external data), once, at its validation-chosen threshold."""
+"""evaluate step: one model on the test split, once, at its validation-chosen threshold."""
 from kfp import dsl
 
 from pneumonia_kfp.components.kfp_defaults import component
@@ -6,7 +6,7 @@ from pneumonia_kfp.components.kfp_defaults import component
 
 @component
 def evaluate_op(
-    dataset: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], external_data: str,
+    dataset: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], run_dir: str, external_data: str,
     metrics: dsl.Output[dsl.Metrics], classification: dsl.Output[dsl.ClassificationMetrics],
     results: dsl.Output[dsl.Artifact],
 ):
@@ -15,6 +15,7 @@ def evaluate_op(
     Args:
         dataset: the ingested dataset version; its test split is scored.
         model: a model directory written by train.
+        run_dir: the run's folder in the store (from start); the results JSON goes there for the report.
         external_data: a second ImageFolder (test/ or class folders) also scored; empty: none.
         metrics: test (and external) scalars with 95 % CI bounds, validation AUC/F1, threshold, training figures.
         classification: confusion matrix (class names as labels) and test ROC for the UI.
@@ -23,6 +24,7 @@ def evaluate_op(
     import json
 
     from pneumonia_kfp.evaluation import evaluate, log_ui_metrics
+    from pneumonia_kfp.runs import save_result
 
     r = evaluate(dataset.metadata["uri"], model.path, external_data=external_data)
     r["model_uri"] = model.uri  # run-local copies the model directory from here
@@ -30,3 +32,4 @@ def evaluate_op(
     results.metadata["backbone"] = r["backbone"]
     with open(results.path, "w") as f:
         json.dump(r, f)
+    save_result(run_dir, r)

@@ -1,4 +1,4 @@
-"""report step: every model's results side by side, plus the ensemble of them."""
+"""report step: every model's results side by side, read from the run's folder in the store, plus their ensemble."""
 from typing import List
 
 from kfp import dsl
@@ -8,7 +8,7 @@ from pneumonia_kfp.components.kfp_defaults import component
 
 @component
 def report_op(
-    dataset: dsl.Input[dsl.Dataset], results: dsl.Input[List[dsl.Artifact]], markdown: dsl.Output[dsl.Markdown],
+    dataset: dsl.Input[dsl.Dataset], run_dir: str, backbones: List[str], markdown: dsl.Output[dsl.Markdown],
     html: dsl.Output[dsl.HTML], summary: dsl.Output[dsl.Artifact], predictions: dsl.Output[dsl.Artifact],
     ensemble_metrics: dsl.Output[dsl.Metrics], ensemble_classification: dsl.Output[dsl.ClassificationMetrics],
 ):
@@ -16,7 +16,8 @@ def report_op(
 
     Args:
         dataset: the ingested dataset version (counts and provenance; test images for the error thumbnails).
-        results: every model's results JSON from evaluate.
+        run_dir: the run's folder in the store, where every evaluate wrote its model's results JSON.
+        backbones: the backbones this run trained, one results JSON each.
         markdown: the comparison as Markdown.
         html: the comparison as one self-contained HTML page (inline figures, no network).
         summary: results.json: the dataset, every model, the ensemble and the best one by validation.
@@ -28,11 +29,9 @@ def report_op(
 
     from pneumonia_kfp.evaluation import ENSEMBLE, log_ui_metrics
     from pneumonia_kfp.report import report_from_store
+    from pneumonia_kfp.runs import load_results
 
-    models = []
-    for artifact in results:
-        with open(artifact.path) as f:
-            models.append(json.load(f))
+    models = load_results(run_dir, backbones)
     with open(dataset.path) as f:
         info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
     combined, md, page, csv = report_from_store(info, models)

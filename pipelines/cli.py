@@ -46,15 +46,15 @@ def evaluate_cmd(args) -> int:
     return 0
 
 
-def compile_pipeline(args, output: str) -> None:
-    """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``."""
-    from kfp import compiler
-
-    from pneumonia_kfp.pipelines.pipeline import build_pipeline
+def compile_pipeline(args, output: str):
+    """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``;
+    the settings."""
+    from pneumonia_kfp.pipelines import pipeline
     from pneumonia_kfp.pipelines.settings import from_args as settings_from_args
 
-    max_parallel = from_args(args, ["max_parallel"])["max_parallel"]
-    compiler.Compiler().compile(build_pipeline(max_parallel, settings_from_args(args)), output)
+    settings = settings_from_args(args)
+    pipeline.compile_pipeline(from_args(args, ["max_parallel"])["max_parallel"], settings, output)
+    return settings
 
 
 def compile_cmd(args) -> int:
@@ -69,9 +69,10 @@ def submit_cmd(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         package = str(Path(tmp) / "pipeline.yaml")
-        compile_pipeline(args, package)
+        settings = compile_pipeline(args, package)
         inputs = pipeline_inputs(package)
-        params = parse_params(args.param, inputs)
+        storage = settings.storage.format(namespace=args.namespace or "kubeflow")  # standalone KFP: kubeflow
+        params = parse_params(args.param, inputs, storage=storage)
         # the values the run will see, defaults included, pass the same checks as run-local
         check_run_params({**{n: d["defaultValue"] for n, d in inputs.items() if "defaultValue" in d}, **params})
         run_id, state = submit(package, args.host, params, namespace=args.namespace, experiment=args.experiment,
@@ -124,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
                    help="bearer token (default: $KFP_TOKEN; in a pod: its projected ServiceAccount token)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="pipeline parameter, e.g. data=s3://bucket/chest_xray or backbones=resnet18,resnet50")
+                   help="pipeline parameter, e.g. data=s3://bucket/chest_xray or backbones=resnet18,resnet50 "
+                   "(storage defaults to the setting `storage`: s3://mlpipeline/private/NAMESPACE/pneumonia-kfp)")
     s.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
     s.add_argument("--timeout", type=float, default=86400, help="seconds --wait waits (default: 86400, a day)")
     s.add_argument("--poll-seconds", type=float, default=15, help=argparse.SUPPRESS)

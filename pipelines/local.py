@@ -2,7 +2,13 @@
 
 What a person reads on the console: stage, progress and result lines. Everything the runner and the
 task subprocesses print (executor inputs and outputs as JSON, about 430 lines a backbone) goes to
-``OUT/run-local.log``.
+``OUT/run-local.log``. When a task fails, the last line names it and carries its own error line.
+
+No orphans: the pipeline runs in a child process (the runner) in a process group of its own, with
+every task and whatever the tasks start. The runner dies with this process, even when this one is
+killed by SIGKILL (Linux's parent-death signal), and then ends its whole group; SIGINT, SIGTERM and
+SIGHUP here end the group the same way. The runner's workspace and every temporary directory of the
+tasks live under ``OUT/.run-local/``, removed when the run ends, however it ends.
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
 
-from pneumonia_kfp.errors import UsageError
+from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
 
 LOG_FILE = "run-local.log"
 SYNTHETIC_WARNING = ("!!! SYNTHETIC DATA: no --data was given, so the models were trained on generated images.\n"
@@ -28,15 +36,30 @@ SYNTHETIC_WARNING = ("!!! SYNTHETIC DATA: no --data was given, so the models wer
 _TASK = re.compile(r"Executing task|finished with status")
 _STEP = re.compile(r"\[KFP Executor \S+ (\d\d:\d\d:\d\d),\d+ (INFO|WARNING|ERROR)\]: (.*)")
 _NOISE = re.compile(r"^(Looking for component|Loading KFP component|Got executor_input|Wrote executor output)")
-_ERROR = re.compile(r"^\s*(?:[\w.]+\.)?(\w*Error): (.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TRACEBACK = re.compile(r"^(\s*)Traceback \(most recent call last\):")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)(?::\s*(.*))?$")  # module.Name: message
+_FAILED = re.compile(r"Task '([^']+)' finished with status FAILURE")
 
 
 class ConsoleFilter(io.TextIOBase):
-    """A text stream: every line to the log file, the lines a person reads also to the console."""
+    """A text stream: every line to the log file, the lines a person reads also to the console.
+
+    It also finds why a task failed: the exception line that ends the task's traceback (any
+    exception, not only ``*Error``s; never a log line that merely contains "Error:"), attributed to
+    the task whose FAILURE line follows it. ``failure`` is the first failed task and its error line.
+    """
 
     def __init__(self, log, console):
-        self.log, self.console, self.pending, self.last_error = log, console, "", None
+        self.log, self.console, self.pending = log, console, ""
         self.lock = threading.Lock()  # ParallelFor iterations log from several threads
+        self.failure: tuple[str, str | None] | None = None
+        self._traceback_indent: int | None = None  # inside a traceback: its indentation
+        self._last_exception: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        return self.failure[1] if self.failure else self._last_exception
 
     def write(self, text: str) -> int:
         with self.lock:
@@ -47,9 +70,7 @@ class ConsoleFilter(io.TextIOBase):
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            m = _ERROR.match(line)
-            if m:
-                self.last_error = f"{m.group(1)}: {m.group(2).strip()}"
+            self._follow(_ANSI.sub("", line))
             step = _STEP.search(line)
             if step and not _NOISE.match(step.group(3)):
                 level = "" if step.group(2) == "INFO" else step.group(2) + " "
@@ -57,6 +78,29 @@ class ConsoleFilter(io.TextIOBase):
             elif _TASK.search(line):
                 self.console.write(line.strip() + "\n")
         return len(text)
+
+    def _follow(self, line: str) -> None:
+        """Track tracebacks and task failures, line by line."""
+        failed = _FAILED.search(line)
+        if failed:
+            if self.failure is None:
+                self.failure = (failed.group(1), self._last_exception)
+            self._last_exception = None
+            return
+        start = _TRACEBACK.match(line)
+        if start:
+            self._traceback_indent = len(start.group(1))
+            return
+        if self._traceback_indent is None or not line.strip():
+            return
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        if indent > self._traceback_indent or text.startswith(("During handling", "The above exception", "[KFP")):
+            return  # a frame, a chained traceback's link, or another task's line in between
+        exception = _EXCEPTION.match(text.split(": ", 1)[0]) if indent == self._traceback_indent else None
+        if exception:
+            message = text.split(": ", 1)[1].strip() if ": " in text else ""
+            self._last_exception = f"{exception.group(1)}: {message}" if message else exception.group(1)
+        self._traceback_indent = None
 
     def flush(self) -> None:
         self.log.flush()
@@ -138,11 +182,13 @@ def keep_models_and_predictions(task, results: dict, out: Path) -> None:
             m["model_uri"] = str(dest)
 
 
-def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> int:
-    from kfp import local
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STATE_DIR = ".run-local"  # under OUT: the runner's spec, workspace and the tasks' temporary files
 
+
+def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> int:
+    """Check everything that can be checked, then run the pipeline in a runner process (``_runner``)."""
     from pneumonia_kfp.data import scan_image_folder
-    from pneumonia_kfp.pipelines.pipeline import build_pipeline
 
     out = check_output(out.resolve())
     if synthetic:
@@ -156,11 +202,106 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
         sys.stdout.write(f"No GPU: training {len(params['backbones'])} backbone(s) for {params['epochs']} epoch(s) "
                          f"at {params['image_size']} px takes {estimate} on this CPU. For a quick look: "
                          "--backbones resnet18 --epochs 2 --image-size 64.\n")
+        sys.stdout.flush()
 
     # tasks run side by side on this machine: split the cores so their thread pools don't fight
     parallel = min(params["max_parallel"], len(params["backbones"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp-root"))
+    return supervise(params, out)
+
+
+def supervise(params: dict, out: Path) -> int:
+    """Run ``_runner`` in a process group of its own and wait for it; a stop signal here ends the group."""
+    state = out / STATE_DIR
+    shutil.rmtree(state, ignore_errors=True)  # left by a runner killed together with its group
+    state.mkdir()
+    (state / "spec.json").write_text(json.dumps({"params": params, "out": str(out), "parent": os.getpid()}))
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    runner = subprocess.Popen([sys.executable, "-m", "pneumonia_kfp.pipelines.local", str(state)], **group)
+    stopped: list[int] = []
+
+    def stop(signum, _frame):
+        stopped.append(signum)
+        signal_group(runner.pid, signal.SIGTERM)  # the runner ends its tasks and cleans up, then exits
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        code = runner.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signal_group(runner.pid, signal.SIGKILL)  # whatever outlived the runner
+        error = (state / "error.txt").read_text() if (state / "error.txt").exists() else None
+        shutil.rmtree(state, ignore_errors=True)
+    if stopped:
+        sys.stderr.write(f"pneumonia-kfp run-local: stopped by {signal.Signals(stopped[0]).name}; "
+                         "its tasks were ended\n")
+        return 128 + stopped[0]
+    if error:
+        raise UsageError(error)
+    return code
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (from /proc: the group outlives its leader)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _runner(state: Path) -> int:
+    """The runner process: leader of the group every task joins; it dies with run-local and ends them."""
+    from pneumonia_kfp.procs import die_with_parent
+
+    spec = json.loads((state / "spec.json").read_text())
+    die_with_parent(spec["parent"], signal.SIGTERM)
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, _frame: _end_group(signum, state))
+    (state / "tmp").mkdir()
+    os.environ["TMPDIR"] = str(state / "tmp")  # the tasks' temporary directories, removed with the state
+    try:
+        run_pipeline(spec["params"], Path(spec["out"]), state / "workspace")
+    except PneumoniaKfpError as e:
+        (state / "error.txt").write_text(str(e))
+        return 2
+    return 0
+
+
+def _end_group(signum: int, state: Path) -> None:
+    """End every task (and what they started) in this runner's group, remove the state, exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group signal reaches this process too
+    me = os.getpid()
+    signal_group(me, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [p for p in _group_members(me) if p != me]:
+        time.sleep(0.1)
+    for pid in _group_members(me):
+        if pid != me:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(state, ignore_errors=True)
+    os._exit(128 + signum)
+
+
+def run_pipeline(params: dict, out: Path, workspace: Path) -> None:
+    from kfp import local
+
+    from pneumonia_kfp.pipelines.pipeline import build_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp-root"),
+               workspace_root=str(workspace))
     pipeline = build_pipeline(params.pop("max_parallel"))
     log_path = out / LOG_FILE
     start = time.perf_counter()
@@ -171,7 +312,11 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
                 warnings.filterwarnings("ignore", module="kfp")  # "custom base image" notices: known, harmless here
                 task = pipeline(**params)
         except RuntimeError as e:
-            cause = stream.last_error or str(e)
+            if stream.failure:
+                name, error = stream.failure
+                cause = f"task {name} failed: {error or 'no error line (killed?)'}"
+            else:
+                cause = str(e)
             raise UsageError(f"the local pipeline run failed: {cause} (full log: {log_path})") from None
     wall = time.perf_counter() - start
 
@@ -194,4 +339,7 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
                  f"Predictions: {out / 'predictions.csv'}\nModels:  {out / 'models'}\nLog:     {log_path}")
     # sys.stdout, not print: kfp's local runner leaves builtins.print patched to indent task logs
     sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_runner(Path(sys.argv[1])))

@@ -4,23 +4,24 @@ from __future__ import annotations
 from kfp import kubernetes
 
 from pneumonia_kfp.pipelines.settings import Resources, Settings, Train
-from pneumonia_kfp.storage import ACCESS_KEY_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
+from pneumonia_kfp.storage import ACCESS_KEY_ENV, CREATE_BUCKET_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
 
 
-def configure(settings: Settings, *, ingest, train, evaluate, report) -> None:
-    """Image, resources and env on every task; store access where the store is used; GPU on train."""
-    for task, resources in ((ingest, settings.ingest), (train, settings.train), (evaluate, settings.evaluate),
-                            (report, settings.report)):
+def configure(settings: Settings, **tasks) -> None:
+    """Image, resources, env and store access on every task (keyword: the task's step, e.g. train=task);
+    GPU scheduling, /dev/shm and retries on train, the caching choice on ingest."""
+    for step, task in tasks.items():
         task.set_container_image(settings.image)
         if settings.image_pull_secrets:
             kubernetes.set_image_pull_secrets(task, settings.image_pull_secrets)
-        set_resources(task, resources)
+        set_resources(task, getattr(settings, step))
         for name, value in settings.env.items():
             task.set_env_variable(name, value)
-    for task in (ingest, train, evaluate):  # report only reads its input artifacts
-        use_store(task, settings)
-    ingest.set_caching_options(enable_caching=settings.ingest.cache)
-    schedule_training(train, settings.train)
+        use_store(task, settings)  # every step reads or writes the store (report: the run's results)
+        if step == "ingest":
+            task.set_caching_options(enable_caching=settings.ingest.cache)
+        if step == "train":
+            schedule_training(task, settings.train)
 
 
 def set_resources(task, r: Resources) -> None:
@@ -31,9 +32,11 @@ def set_resources(task, r: Resources) -> None:
 
 
 def use_store(task, settings: Settings) -> None:
-    """The MinIO endpoint as plain env, the keys by reference to the Secret (never their values)."""
+    """The store's endpoint as plain env, the keys by reference to the Secret (never their values)."""
     m = settings.minio
     task.set_env_variable(ENDPOINT_ENV, m.endpoint)
+    if not m.create_bucket:
+        task.set_env_variable(CREATE_BUCKET_ENV, "false")
     kubernetes.use_secret_as_env(task, secret_name=m.secret,
                                  secret_key_to_env={m.access_key_key: ACCESS_KEY_ENV, m.secret_key_key: SECRET_KEY_ENV})
 

@@ -1,4 +1,4 @@
-"""Platform settings of a cluster run: image, GPU scheduling, resources, retries, caching, MinIO Secret.
+"""Platform settings of a cluster run: image, GPU scheduling, resources, retries, caching, the store and its Secret.
 
 Nothing here changes what the pipeline computes, only where and how its pods run, so a platform
 engineer sets all of it without editing code. Later sources win:
@@ -8,7 +8,8 @@ engineer sets all of it without editing code. Later sources win:
                     <  command line (--image IMAGE, --set train.accelerator_count=2)
 
 Keys are dotted paths into :class:`Settings` (``image``, ``minio.secret``, ``train.tolerations``);
-list and dict values given as text are YAML (``--set 'train.node_selector={gpu: a100}'``).
+list and dict values given as text are YAML (``--set 'train.node_selector={gpu: a100}'``); one extra
+variable on every task is ``--set env.NAME=value``.
 Credentials are never settings: tasks read them from the Kubernetes Secret ``minio.secret``.
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE
+from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE, IMAGE_TAG
 from pneumonia_kfp.errors import PneumoniaKfpError
-from pneumonia_kfp.storage import ENDPOINT_ENV
+from pneumonia_kfp.storage import CREATE_BUCKET_ENV, ENDPOINT_ENV
 
 ENV_PREFIX = "PNEUMONIA_KFP_"
 SETTINGS_FILE_ENV = "PNEUMONIA_KFP_SETTINGS"
@@ -80,26 +81,43 @@ class Train(Resources):
 
 @dataclass
 class Minio:
+    """The S3 store the tasks use. The defaults are Kubeflow's own: its object store (MinIO up to KFP
+    2.15; manifests/overlays/kubeflow-seaweedfs has the endpoint from KFP 2.16) and the per-profile
+    Secret with keys that may write only under mlpipeline/private/<profile>/ and a few other prefixes."""
+
     endpoint: str = "minio-service.kubeflow:9000"  # host:port or http(s)://host:port
-    secret: str = "mlpipeline-minio-artifact"  # Kubeflow's own MinIO credentials
+    secret: str = "mlpipeline-minio-artifact"  # Kubeflow's object-store credentials in every profile namespace
     access_key_key: str = "accesskey"
     secret_key_key: str = "secretkey"
+    # false: the tasks never check for or create the bucket (Kubeflow's `mlpipeline` exists and is not
+    # ours; its per-profile keys may not even look at it). true only for a store of the pipeline's own.
+    create_bucket: bool = False
+
+
+# where `submit` puts datasets, checkpoints and results when no --param storage=... is given: in
+# multi-user Kubeflow the profile's keys may write only under mlpipeline/private/<profile>/
+DEFAULT_STORAGE = "s3://mlpipeline/private/{namespace}/pneumonia-kfp"
+STORAGE_TEMPLATE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^{}]*(\{namespace\}[^{}]*)?)?$")
 
 
 @dataclass
 class Settings:
     image: str = BASE_IMAGE
+    storage: str = DEFAULT_STORAGE  # {namespace}: submit's --namespace (kubeflow without one)
     image_pull_secrets: list = field(default_factory=list)
     env: dict = field(default_factory=dict)  # extra plain variables on every task (never credentials)
     minio: Minio = field(default_factory=Minio)
+    start: Resources = field(default_factory=lambda: Resources("100m", "1", "256Mi", "1Gi"))
     ingest: Ingest = field(default_factory=lambda: Ingest("1", "4", "4Gi", "8Gi"))
     train: Train = field(default_factory=lambda: Train("4", "8", "16Gi", "32Gi"))
     evaluate: Resources = field(default_factory=lambda: Resources("2", "4", "8Gi", "16Gi"))
     report: Resources = field(default_factory=lambda: Resources("1", "2", "2Gi", "4Gi"))
 
     def validate(self) -> "Settings":
-        check_image(self.image)
-        for key in ("ingest", "train", "evaluate", "report"):
+        self.image = pinned_image(self.image)
+        _check("storage", self.storage, STORAGE_TEMPLATE.match,
+               "s3://bucket/prefix, optionally with {namespace}, e.g. " + DEFAULT_STORAGE)
+        for key in ("start", "ingest", "train", "evaluate", "report"):
             r = getattr(self, key)
             for name in ("cpu_request", "cpu_limit"):
                 _check(f"{key}.{name}", getattr(r, name), lambda v: not v or CPU.match(v),
@@ -130,16 +148,19 @@ class Settings:
             if CREDENTIAL_ENV.search(name):
                 raise SettingsError(f"env.{name}: credentials come from the Secret minio.secret, never from plain "
                                     "env (its value would be written into the compiled pipeline)")
-            if name == ENDPOINT_ENV:
-                raise SettingsError(f"env.{ENDPOINT_ENV}: set minio.endpoint instead")
+            for env, key in ((ENDPOINT_ENV, "minio.endpoint"), (CREATE_BUCKET_ENV, "minio.create_bucket")):
+                if name == env:
+                    raise SettingsError(f"env.{env}: set {key} instead")
         return self
 
 
-def check_image(image: str) -> None:
-    """An image reference pinned by tag or digest: ``:latest`` or no tag would change under a run."""
-    last = image.rsplit("/", 1)[-1]
-    if not image or image.endswith(":latest") or not (":" in last or "@" in last):
+def pinned_image(image: str) -> str:
+    """The image reference, pinned: without a tag or digest it gets this checkout's IMAGE_TAG (what
+    `make image REGISTRY=...` pushes); ``:latest`` would change under a run and is refused."""
+    if not image or image.endswith(":latest") or image.endswith(":"):
         raise SettingsError(f"image={image!r}: pin the image with a tag or digest (registry/name:tag), never :latest")
+    last = image.rsplit("/", 1)[-1]
+    return image if ":" in last or "@" in last else f"{image}:{IMAGE_TAG}"
 
 
 def _str_dict(value) -> bool:
@@ -195,6 +216,9 @@ def _flatten(data: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
 def _set(settings: Settings, key: str, value: Any, source: str | None = None) -> None:
     """Set ``key``; errors name ``source`` (the environment variable) or the key."""
     kinds = keys()
+    if key.startswith("env.") and len(key) > 4:  # one variable: env.NAME=value
+        settings.env = {**settings.env, key[4:]: _convert(source or key, str, value)}
+        return
     if key not in kinds:
         raise SettingsError(f"unknown setting {key!r}; known: {', '.join(sorted(kinds))}")
     *path, name = key.split(".")
@@ -231,9 +255,11 @@ def load(file: str | None = None, overrides: Iterable[str] = (), environ: Mappin
 def add_arguments(parser) -> None:
     """The settings options shared by ``compile`` and ``submit``."""
     parser.add_argument("--settings", metavar="FILE", help=f"YAML/JSON settings file (default: ${SETTINGS_FILE_ENV})")
-    parser.add_argument("--image", help="container image of every task, pinned: registry/name:tag or @sha256:...")
+    parser.add_argument("--image", help="container image of every task: registry/name (tagged with this checkout's "
+                        f"{IMAGE_TAG}), registry/name:tag or @sha256:...")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="one setting, e.g. train.accelerator_count=2 or minio.secret=my-minio (repeatable)")
+                        help="one setting, e.g. train.accelerator_count=2, minio.secret=my-minio or env.NAME=value "
+                        "(repeatable)")
 
 
 def from_args(args) -> Settings:

@@ -71,9 +71,10 @@ def _json(text: str):
         return None
 
 
-def parse_params(items: list[str], inputs: dict[str, dict]) -> dict:
-    """``key=value`` strings -> typed arguments, checked against the pipeline's inputs."""
-    params = {}
+def parse_params(items: list[str], inputs: dict[str, dict], storage: str | None = None) -> dict:
+    """``key=value`` strings -> typed arguments, checked against the pipeline's inputs; ``storage``
+    (the settings' default store of this namespace) when no ``storage=`` is given."""
+    params = {"storage": storage} if storage and "storage" in inputs else {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
@@ -169,6 +170,13 @@ def submit(package: str, host: str, params: dict, *, namespace: str | None, expe
         raise SubmitError(_api_error(host, e, bearer)) from None
     except urllib3.exceptions.HTTPError as e:
         raise SubmitError(f"lost the connection to {host} ({type(e).__name__})") from None
+    except ValueError as e:  # kfp.Client's own checks, e.g. two experiments of that name in the namespace
+        raise SubmitError(f"kfp could not submit to {host}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def wait_for(client, run_id: str, timeout: float, poll_seconds: float) -> str:

@@ -47,10 +47,48 @@ def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, w
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     if not weights:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return _checked_pretrained(name, "timm's hub weights", **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         path = _local_weights(weights, Path(tmp))
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        return _checked_pretrained(name, weights, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def _checked_pretrained(name: str, source: str, **kwargs):
+    """timm's pretrained model, and an error when the weights left any backbone tensor unloaded.
+
+    timm loads non-strictly once the head is replaced, so weights in another layout (a torchvision
+    state dict of an EfficientNet, say) load nothing and training would silently start from random
+    weights. Which tensors were loaded is told by value, whatever the checkpoint's key names: the
+    model is built from the same random state as a reference left unloaded, and a tensor that is
+    random at init (it differs in a second reference built from another state) but still equals the
+    reference was not loaded. The new classifier head and a first conv timm had to re-make are exempt.
+    """
+    import timm
+    import torch
+
+    rng = torch.random.get_rng_state()
+    reference = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        other = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    torch.random.set_rng_state(rng)  # the loaded model gets exactly the reference's initial values
+    model = timm.create_model(name, pretrained=True, **kwargs)
+    cfg = model.pretrained_cfg
+    exempt = tuple(f"{m}." for m in _names(cfg.get("classifier")) + _names(cfg.get("first_conv")))
+    missing = [k for k, v in model.state_dict().items()
+               if v.is_floating_point() and not k.startswith(exempt)
+               and not torch.equal(reference[k], other[k]) and torch.equal(v, reference[k])]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise BackboneError(
+            f"pretrained weights {source} left {len(missing)} {name} tensors unloaded ({shown}): they are not "
+            f"{name} weights in timm's layout (a torchvision state dict names many models' layers differently). "
+            f"Use weights saved from timm.create_model({name!r}) or timm's hub.")
+    return model
+
+
+def _names(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def _local_weights(weights: str, tmp: Path) -> Path:

@@ -148,8 +148,9 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
     model, meta = _load(model_path, device)
     ds = StoredDataset(dataset_uri)
     x, y, entries = ds.split("test")
-    if len(y) == 0:
-        raise DataError(f"{dataset_uri} has no test images: ingest a dataset with a test/ split to evaluate on")
+    if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
+        raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
+                        f"the test split needs images of each of {', '.join(ds.classes)}")
     tta = meta.get("tta", False)
     predictions = {"test": predictions_block(entries, y, predict_probs(model, x, meta["mean"], meta["std"], tta))}
     if external_data:

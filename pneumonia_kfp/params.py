@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -18,6 +19,10 @@ SEED_BACKBONES = ("resnext50_32x4d", "densenet161", "resnet18", "resnet50", "eff
 MIN_IMAGE_SIZE = 32  # px a side: CNN backbones downsample 32x, smaller inputs vanish before the head
 MAX_IMAGE_SIZE = 1024  # px a side: a 224 px Kermany set is 0.3 GB of uint8 tensors; 1024 px would be 6 GB
 ON_INVALID = ("fail", "skip")
+# an image whose header declares more pixels than this is rejected before it is decoded (decompression
+# bombs: a 140 KB PNG can declare 12000x12000 px, 384 MB decoded); a setting, not a run parameter
+MAX_PIXELS_ENV = "PNEUMONIA_KFP_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000
 # how the default decision threshold is chosen from validation predictions (pneumonia_kfp.metrics)
 THRESHOLD_RULES = ("balanced", "youden", "sensitivity95")
 
@@ -34,6 +39,7 @@ class Param:
     choices: tuple | None = None
     pipeline: bool = True  # a pipeline parameter; False: run-local/compile only (fixed at compile time)
     required: bool = False
+    uri: bool = False  # a store or data URI: its scheme (and a file:// host) is checked up front
 
     @property
     def flag(self) -> str:
@@ -52,6 +58,10 @@ class Param:
         """The value, normalised; a UsageError naming the parameter when it is out of bounds."""
         if self.type is list:
             return check_backbones(value)
+        if self.uri and isinstance(value, str):
+            from pneumonia_kfp.storage import check_uri
+
+            check_uri(value, self.name)
         if self.type in (int, float) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{self.name}={value}: must be a finite number")
@@ -68,9 +78,9 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     Param("data", str, None, "ImageFolder root: train|val|test/<class>/<image> (a directory, file:// or s3://)",
-          required=True),
+          required=True, uri=True),
     Param("storage", str, None, "object store for dataset versions and checkpoints: s3://bucket/prefix or "
-          "file:///abs/dir", required=True),
+          "file:///abs/dir", required=True, uri=True),
     Param("backbones", list, list(SEED_BACKBONES), "comma-separated timm model names, one training task each"),
     Param("epochs", int, 5, "training epochs; the epoch with the best validation AUC is kept",
           minimum=1, maximum=1000),
@@ -99,6 +109,20 @@ PIPELINE_PARAMS = tuple(p for p in PARAMS if p.pipeline)
 
 def default(name: str) -> Any:
     return BY_NAME[name].default
+
+
+def max_pixels() -> int:
+    """The pixel limit for one image: ``PNEUMONIA_KFP_MAX_PIXELS``, default 50 million (50 MP)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"{MAX_PIXELS_ENV}={raw!r}: use a positive number of pixels, e.g. 50000000")
+    return value
 
 
 def check_backbones(names: list[str] | str) -> list[str]:

@@ -3,7 +3,7 @@
 The key is the task's identity -- dataset version, backbone, every training setting, and the
 package version plus a hash of the library's code -- so a retried pod finds its own state and
 nothing else's, and a rerun after a code change trains afresh instead of reusing an old ``last.pt``.
-Written atomically each epoch.
+Written atomically each epoch, with a checksum that is verified before the state is used.
 """
 import hashlib
 import io
@@ -38,15 +38,23 @@ def state_store(dataset_uri: str, identity: dict) -> Store:
     return open_store(f"{root}/checkpoints/{key}")
 
 
+# last.pt is this header line, then torch.save's bytes: the header's sha256 covers the rest, so a damaged
+# state is found before it is unpickled and trained on
+HEADER = b"pneumonia-kfp-state sha256="
+
+
 def save(store: Store, state: dict) -> None:
     import torch
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    store.put_bytes("last.pt", buf.getvalue())
+    body = buf.getvalue()
+    store.put_bytes("last.pt", HEADER + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 
 
 def load(store: Store, device) -> dict | None:
+    """The saved state, verified; None when there is none, or when it is damaged (with a warning:
+    training starts over rather than resume from bytes that are not what was saved)."""
     import torch
 
     try:
@@ -55,4 +63,14 @@ def load(store: Store, device) -> dict | None:
         if e.code in ("NoSuchKey", "NoSuchBucket"):
             return None
         raise
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    head, _, body = data.partition(b"\n")
+    want = head.removeprefix(HEADER).decode("ascii", "replace") if head.startswith(HEADER) else None
+    why = ("it has no checksum header" if want is None else
+           None if hashlib.sha256(body).hexdigest() == want else "its sha256 does not match its header")
+    if why is None:
+        try:
+            return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+        except Exception as e:  # whatever unpickling a bad state raises: start over
+            why = f"it does not load ({type(e).__name__})"
+    log.warning("%s is damaged (%s): training starts over from epoch 1", store.uri_of("last.pt"), why)
+    return None

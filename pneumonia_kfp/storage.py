@@ -9,19 +9,25 @@
   ``MINIO_SECRET_KEY``  secret key
   ``MINIO_SECURE``      ``true`` for TLS when the endpoint has no scheme (default ``false``)
   ``MINIO_REGION``      optional region
+  ``MINIO_CREATE_BUCKET`` ``false``: never check for or create the bucket (multi-user Kubeflow's keys may
+                        only write under their prefix; the bucket is Kubeflow's). Default ``true``.
 
 Keys are ``/``-separated and relative to the store's root. Every write is atomic for readers:
-an object appears whole or not at all, so a manifest written last marks a complete dataset.
+an object appears whole or not at all, so a manifest written last marks a complete dataset. Files
+a file store writes are readable as the umask says (0644 with the usual 022), like any other tool's.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from pneumonia_kfp.errors import PneumoniaKfpError
@@ -38,6 +44,7 @@ class StorageError(PneumoniaKfpError):
 _NOT_FOUND = ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchObject")
 # the environment variables the s3 backend reads (a cluster compile sets them from the Secret)
 ENDPOINT_ENV, ACCESS_KEY_ENV, SECRET_KEY_ENV = "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"
+CREATE_BUCKET_ENV = "MINIO_CREATE_BUCKET"
 
 
 class Store:
@@ -61,8 +68,25 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(self.get_bytes(key))
 
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
+        """Write an object from a stream of byte chunks, never holding it whole in memory."""
+        raise NotImplementedError
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``offset``."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``prefix`` (recursive), relative to the store root."""
+        raise NotImplementedError
+
+    def signatures(self, prefix: str = "") -> dict[str, list]:
+        """{key: signature} under ``prefix``: a cheap fingerprint of each object as stored (size,
+        times and inode of a file; size and ETag of an S3 object) that changes whenever it is
+        rewritten, so a checksum verified once need not be recomputed while it stays the same."""
         raise NotImplementedError
 
     def child(self, prefix: str) -> "Store":
@@ -78,10 +102,11 @@ class FileStore(Store):
         self.uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+        # normpath, not resolve(): keys are ours (no symlinks to follow), and resolve() costs an lstat per part
+        path = os.path.normpath(os.path.join(self.root, key))
+        if path != str(self.root) and not path.startswith(str(self.root).rstrip(os.sep) + os.sep):
             raise StorageError(f"key {key!r} escapes the store {self.uri}")
-        return path
+        return Path(path)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -99,6 +124,9 @@ class FileStore(Store):
         with open(path, "rb") as src:
             self._atomic_write(key, lambda f: shutil.copyfileobj(src, f))
 
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
+        self._atomic_write(key, lambda f: [f.write(c) for c in chunks])
+
     def _atomic_write(self, key: str, write) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +134,7 @@ class FileStore(Store):
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
+                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a store is shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -115,6 +144,16 @@ class FileStore(Store):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(key), path)
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
@@ -122,6 +161,24 @@ class FileStore(Store):
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.startswith(".partial-"):
                 yield p.relative_to(self.root).as_posix()
+
+    def signatures(self, prefix: str = "") -> dict[str, list]:
+        found, dirs = {}, [prefix.strip("/")]
+        while dirs:  # scandir, not rglob: one stat per object (re-ingest lists every raw file)
+            rel = dirs.pop()
+            try:
+                entries = list(os.scandir(self._path(rel) if rel else self.root))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                key = f"{rel}/{e.name}" if rel else e.name
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(key)
+                elif not e.name.startswith(".partial-"):
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        found[key] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        return found
 
 
 class S3Store(Store):
@@ -136,24 +193,48 @@ class S3Store(Store):
         return f"{self.prefix}/{key}".strip("/") if self.prefix else key.strip("/")
 
     def _call(self, what: str, fn, *args, **kwargs):
-        from minio.error import S3Error
-        from urllib3.exceptions import HTTPError
+        from minio.error import InvalidResponseError, S3Error, ServerError
+        from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError
 
         try:
             return fn(*args, **kwargs)
         except S3Error as e:
             if e.code in _NOT_FOUND:
                 raise StorageError(f"{what}: does not exist ({e.code})", e.code) from None
-            raise StorageError(f"{what}: S3 error {e.code} from {self.endpoint}: {e.message}", e.code) from None
-        except (HTTPError, OSError) as e:
+            status = getattr(e.response, "status", None)
+            raise StorageError(f"{what}: S3 error {e.code} (HTTP {status}) from {self.endpoint}: {e.message}",
+                               e.code) from None
+        except ServerError as e:
+            raise StorageError(f"{what}: S3 endpoint {self.endpoint} answered HTTP {e.status_code}", "ServerError") \
+                from None
+        except InvalidResponseError as e:
             raise StorageError(
-                f"{what}: S3 endpoint {self.endpoint} is unreachable ({type(e).__name__}). "
-                "Check MINIO_ENDPOINT and that the server is running."
+                f"{what}: {self.endpoint} is not an S3 server (it answered HTTP {e._code} "
+                f"{e._content_type or 'without a content type'}, not S3 XML). Check MINIO_ENDPOINT.", "NotS3",
             ) from None
+        except MaxRetryError as e:
+            if isinstance(e.reason, ResponseError):  # the server answered, with errors, every time
+                status = re.search(r"\d{3}", str(e.reason))
+                raise StorageError(
+                    f"{what}: S3 endpoint {self.endpoint} answered HTTP {status.group() if status else 'errors'} "
+                    f"to every try ({_retries()} retries): the server is failing, see its logs", "ServerError",
+                ) from None
+            raise self._unreachable(what, e.reason or e) from None
+        except (HTTPError, OSError) as e:
+            raise self._unreachable(what, e) from None
+        except ValueError as e:  # the client refuses a name before sending anything
+            raise StorageError(f"{what}: {e}") from None
+
+    def _unreachable(self, what: str, e: BaseException) -> StorageError:
+        return StorageError(f"{what}: S3 endpoint {self.endpoint} is unreachable ({type(e).__name__}). "
+                            "Check MINIO_ENDPOINT and that the server is running.")
 
     def _ensure_bucket(self) -> None:
         with self._lock:
             if self._bucket_checked:
+                return
+            if os.environ.get(CREATE_BUCKET_ENV, "true").lower() == "false":  # not ours: never touch it
+                self._bucket_checked = True
                 return
             if not self._call(f"check bucket {self.bucket}", self.client.bucket_exists, self.bucket):
                 self._call(f"create bucket {self.bucket}", self.client.make_bucket, self.bucket)
@@ -179,6 +260,20 @@ class S3Store(Store):
 
         return self._call(f"read {self.uri_of(key)}", fetch)
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        def fetch():
+            resp = self.client.get_object(self.bucket, self._key(key), offset=offset, length=length)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(f"read {self.uri_of(key)}", fetch)
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {self.uri_of(key)}", self.client.remove_object, self.bucket, self._key(key))
+
     def put_bytes(self, key: str, data: bytes) -> None:
         self._ensure_bucket()
         self._call(
@@ -190,15 +285,72 @@ class S3Store(Store):
         self._ensure_bucket()
         self._call(f"write {self.uri_of(key)}", self.client.fput_object, self.bucket, self._key(key), str(path))
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
+        self._ensure_bucket()
+        self._call(f"write {self.uri_of(key)}", self.client.put_object, self.bucket, self._key(key),
+                   _ChunkReader(chunks), -1, part_size=16 * 1024 * 1024)  # multipart, one part in memory
+
+    def _objects(self, prefix: str) -> list:
         base = self._key(prefix)
-        objs = self._call(
+        return self._call(
             f"list {self.uri_of(prefix)}",
             lambda: list(self.client.list_objects(self.bucket, prefix=base + "/" if base else "", recursive=True)),
         )
+
+    def list(self, prefix: str = "") -> Iterator[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
-        for o in sorted(objs, key=lambda o: o.object_name):
+        for o in sorted(self._objects(prefix), key=lambda o: o.object_name):
             yield o.object_name[strip:]
+
+    def signatures(self, prefix: str = "") -> dict[str, list]:
+        try:
+            objs = self._objects(prefix)
+        except StorageError as e:
+            if e.code in _NOT_FOUND:
+                return {}
+            raise
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return {o.object_name[strip:]: [o.size, o.etag] for o in objs}
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable stream over an iterable of byte chunks (for minio's streamed multipart upload)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks, self._buf = iter(chunks), bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buf) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buf += chunk
+        if size < 0:
+            size = len(self._buf)
+        out = bytes(self._buf[:size])
+        del self._buf[:size]  # cheap at the front of a bytearray
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _retries() -> int:
+    return int(os.environ.get("MINIO_RETRIES", "4"))
 
 
 def minio_client_from_env():
@@ -213,7 +365,7 @@ def minio_client_from_env():
     if not endpoint:
         raise StorageError(f"MINIO_ENDPOINT={raw!r} is not host:port or http(s)://host:port")
     retries = urllib3.Retry(
-        total=int(os.environ.get("MINIO_RETRIES", "4")),
+        total=_retries(),
         connect=2,
         backoff_factor=0.2,
         status_forcelist=(500, 502, 503, 504),
@@ -235,15 +387,33 @@ def minio_client_from_env():
     return client, f"{'https' if secure else 'http'}://{endpoint}"
 
 
+def check_uri(uri: str, what: str = "storage") -> str:
+    """``uri`` if it names a store this module can open (no I/O), else a StorageError saying why."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3" and not parsed.netloc:
+        raise StorageError(f"{what} URI {uri!r} names no bucket: use s3://bucket/prefix")
+    if parsed.scheme == "s3":
+        from minio.helpers import check_bucket_name
+
+        try:
+            check_bucket_name(parsed.netloc, s3_check=True)
+        except ValueError as e:
+            raise StorageError(f"{what} URI {uri!r}: {e} (S3 bucket names are 3-63 lowercase letters, digits, "
+                               "dots and hyphens)") from None
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise StorageError(f"{what} URI {uri!r} names the host {parsed.netloc!r}, which a file URI cannot "
+                           f"reach: use file:///abs/path (three slashes) for a local directory")
+    if parsed.scheme not in ("s3", "file", ""):
+        raise StorageError(f"{what} URI {uri!r}: scheme {parsed.scheme}:// is not supported; "
+                           "use file:///abs/path or s3://bucket/prefix")
+    return uri
+
+
 def open_store(uri: str) -> Store:
     """``file:///abs/path``, a plain absolute/relative path, or ``s3://bucket/prefix``."""
-    parsed = urlparse(uri)
+    parsed = urlparse(check_uri(uri))
     if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise StorageError(f"storage URI {uri!r} names no bucket: use s3://bucket/prefix")
         return S3Store(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
         return FileStore(parsed.path)
-    if parsed.scheme == "":
-        return FileStore(uri)
-    raise StorageError(f"storage URI {uri!r}: use file:///abs/path or s3://bucket/prefix")
+    return FileStore(uri)

@@ -1,35 +1,42 @@
 """What ingest accepts: every file decoded fully before it counts, and checks across splits.
 
-A rejected file gets one reason a person can act on. Whole-dataset problems (a class left with no
-valid image, the same image in two splits) are errors; the same patient in train and test is a
+A rejected file gets one reason a person can act on; no file, however hostile, gets a traceback or a
+hang. Whole-dataset problems (a split left with no valid image of a class, the same image in two
+splits) are errors; the same patient in train and test is a
 warning (the official Kermany split has a few).
 """
+import io
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
 from pneumonia_kfp.data import DataError, ImageFile
+from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.params import (
     MIN_IMAGE_SIZE as MIN_SIDE,  # a source image smaller than the smallest input is no X-ray
 )
 
 
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` (after following symlinks) stays inside the data root."""
-    real_root = root.resolve()
-    return path.resolve() == real_root or real_root in path.resolve().parents
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode fully, convert to 8-bit grayscale and resize to size×size."""
+def load_image(source, size: int, max_pixels: int | None = None, min_side: int = 1) -> np.ndarray:
+    """Decode fully, convert to 8-bit grayscale and resize to size×size (``source``: a path or a
+    binary file object). An image declaring more than ``max_pixels`` pixels, or a side under
+    ``min_side``, is refused before it is decoded (ValueError)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(source) as im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ValueError(f"too large: {w}x{h} px = {w * h / 1e6:.0f} MP, over the pixel limit of "
+                             f"{max_pixels / 1e6:g} MP ({MAX_PIXELS_ENV})")
+        if min(w, h) < min_side:
+            raise ValueError(f"too small: {w}x{h} px (minimum {min_side} px a side)")
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit grayscale: scale to 8 bit instead of clipping at 255
-            a = np.asarray(im, dtype=np.float64)
-            a = (a - a.min()) / max(a.max() - a.min(), 1) * 255
+            a = np.asarray(im, dtype=np.float32)
+            lo, hi = float(a.min()), float(a.max())
+            a -= lo
+            a *= 255 / max(hi - lo, 1)
             im = Image.fromarray(a.astype(np.uint8))
         elif im.mode in ("RGBA", "LA", "P", "PA"):
             im = im.convert("RGBA")
@@ -39,23 +46,27 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def check_file(f: ImageFile, root: Path, size: int, min_side: int = MIN_SIDE):
-    """(uint8 size×size image, None) or (None, reason)."""
+def check_image(data: bytes, size: int, max_pixels: int, min_side: int = MIN_SIDE):
+    """(uint8 size×size image, None) or (None, reason) for a file's bytes, already read."""
     from PIL import Image, UnidentifiedImageError
 
-    if f.path.is_symlink() and not inside(f.path, root):
-        return None, "symlink pointing outside the data root"
+    if not data:
+        return None, "zero-byte file"
+    # our limit is checked on the header, before anything is decoded; PIL's own (a warning, then an
+    # error at twice its limit) would only say the same less clearly
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        if f.path.stat().st_size == 0:
-            return None, "zero-byte file"
-        with Image.open(f.path) as im:
-            if min(im.size) < min_side:
-                return None, f"too small: {im.size[0]}x{im.size[1]} px (minimum {min_side} px a side)"
-        return load_image(f.path, size), None
+        return load_image(io.BytesIO(data), size, max_pixels, min_side), None
     except UnidentifiedImageError:
         return None, "not an image (no decoder recognises its content)"
-    except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncation and corruption so
+    except ValueError as e:
+        if str(e).startswith(("too large", "too small")):
+            return None, str(e)
         return None, f"cannot be decoded: {e}"
+    except Exception as e:  # hostile bytes: whatever the decoder raises, the file is rejected, never a traceback
+        return None, f"cannot be decoded: {e or type(e).__name__}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def rejection_error(rejected: list[dict], total: int) -> DataError:
@@ -67,10 +78,14 @@ def rejection_error(rejected: list[dict], total: int) -> DataError:
     )
 
 
-def check_classes(files: list[ImageFile], classes: list[str], root: Path) -> None:
-    for c in classes:
-        if not any(f.label == c and f.split == "train" for f in files):
-            raise DataError(f"{root}/train/{c} has no valid image left: a class needs at least one")
+def check_classes(files: list[ImageFile], splits: list[str], classes: list[str], where: str) -> None:
+    """Every split needs at least one image of every class (``splits``: each file's split)."""
+    present = {(s, f.label) for f, s in zip(files, splits, strict=True)}
+    for s in sorted(set(splits), key=["train", "val", "test"].index):
+        for c in classes:
+            if (s, c) not in present:
+                raise DataError(f"{where}/{s}/{c} has no valid image left: every split needs at least one image "
+                                "of every class")
 
 
 def check_leakage(files: list[ImageFile], splits: list[str], shas: list[str]) -> None:

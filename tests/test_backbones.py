@@ -47,3 +47,41 @@ def test_checkpoint_roundtrip(tmp_path):
     with torch.inference_mode():
         assert torch.allclose(loaded.eval()(x), model(x))
     assert meta["threshold"] == 0.3 and meta["classes"] == ["A", "B"]
+
+
+def test_weights_that_leave_backbone_tensors_unloaded_are_an_error_naming_them(tmp_path):
+    import torchvision
+
+    # torchvision's ResNet names its layers as timm's does: it loads (timm sums the first conv)
+    tv_resnet = torchvision.models.resnet18(weights=None)
+    torch.save(tv_resnet.state_dict(), tmp_path / "tv_resnet18.pth")
+    model = create_backbone("resnet18", pretrained=True, weights=str(tmp_path / "tv_resnet18.pth"))
+    assert torch.equal(model.layer4[1].conv2.weight, tv_resnet.layer4[1].conv2.weight)
+    # torchvision's EfficientNet does not: timm would load nothing and train from random weights
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), tmp_path / "tv_effnet.pth")
+    with pytest.raises(BackboneError) as e:
+        create_backbone("efficientnet_b0", pretrained=True, weights=str(tmp_path / "tv_effnet.pth"))
+    message = str(e.value)
+    assert "tv_effnet.pth left" in message and "tensors unloaded (blocks.0.0.conv_dw.weight" in message
+    # one tensor missing from otherwise complete timm weights is named too
+    import timm
+
+    state = timm.create_model("resnet18", num_classes=1000, in_chans=3).state_dict()
+    del state["layer3.0.conv1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(BackboneError, match=r"left 1 resnet18 tensors unloaded \(layer3.0.conv1.weight\)"):
+        create_backbone("resnet18", pretrained=True, weights=str(tmp_path / "partial.pth"))
+
+
+def test_a_pretrained_model_starts_from_the_same_random_state_as_before(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=1000, in_chans=3).state_dict(), tmp_path / "r18.pth")
+    torch.manual_seed(7)
+    a = create_backbone("resnet18", pretrained=True, weights=str(tmp_path / "r18.pth"))
+    after_a = torch.rand(3)
+    torch.manual_seed(7)
+    b = timm.create_model("resnet18", pretrained=True, num_classes=2, in_chans=1,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.pth")))
+    assert torch.equal(a.fc.weight, b.fc.weight)  # the new head: the seed's, as without the check
+    assert torch.equal(after_a, torch.rand(3))  # and the caller's random stream carries on unchanged

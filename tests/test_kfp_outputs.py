@@ -146,4 +146,4 @@ def test_ingest_and_train_tasks_push_their_metrics(run, pushgateway):  # noqa: F
 def test_tasks_without_a_terminal_log_progress_lines(run):
     log = run["log"]
     assert f"{BACKBONE} epoch 1/1: 1/" in log and "batch (100%)" in log
-    assert "ingest: decode: 104/104 img (100%)" in log and "ingest: hash: 1/104 file" in log
+    assert "ingest: read: 104/104 file (100%)" in log and "ingest: read: 1/104 file" in log  # one pass per file

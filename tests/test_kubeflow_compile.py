@@ -9,7 +9,7 @@ from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.pipelines.settings import Settings, SettingsError, load
 
 IMAGE = "registry.example.com/pneumonia-kfp:1.2.3"
-STORE_TASKS = ("exec-ingest-op", "exec-train-op", "exec-evaluate-op")
+EXECUTORS = {"exec-start-op", "exec-ingest-op", "exec-train-op", "exec-evaluate-op", "exec-report-op"}
 # known credential values in the compiling process: none of them may reach the YAML
 CREDENTIALS = {"MINIO_ACCESS_KEY": "AKIA-known-access-key", "MINIO_SECRET_KEY": "known-secret-key-value"}
 
@@ -45,24 +45,51 @@ def parse_container(spec, executor) -> pb.PipelineDeploymentConfig.PipelineConta
     return json_format.ParseDict(json_format.MessageToDict(c), pb.PipelineDeploymentConfig.PipelineContainerSpec())
 
 
+def loop_tasks(spec: pb.PipelineSpec):
+    """The tasks inside the ParallelFor, which sits in the train-and-evaluate sub-pipeline."""
+    inner = spec.components[spec.root.dag.tasks["train-and-evaluate"].component_ref.name].dag.tasks
+    [loop] = [task for name, task in inner.items() if name.startswith("for-loop")]
+    return loop, spec.components[loop.component_ref.name].dag.tasks
+
+
 def test_parallel_for_over_backbones_with_its_parallelism(compiled):
     spec, _, _ = compiled
-    root = spec.root.dag.tasks
-    loops = [name for name in root if name.startswith("for-loop")]
-    assert len(loops) == 1
-    loop = root[loops[0]]
+    assert set(spec.root.dag.tasks) == {"start-op", "ingest-op", "train-and-evaluate", "report-op"}
+    loop, body = loop_tasks(spec)
     assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--backbones"
     assert loop.iterator_policy.parallelism_limit == 3
-    body = spec.components[loop.component_ref.name].dag.tasks
     assert set(body) == {"train-op", "evaluate-op"}
     assert body["train-op"].inputs.parameters["backbone"].component_input_parameter == \
         "pipelinechannel--backbones-loop-item"
 
 
+def test_fan_in_through_the_run_folder_not_collected_artifacts(compiled):
+    """Backends before 2.14 cannot run dsl.Collected of artifacts: report runs after the sub-pipeline
+    and reads the results from the run folder that start made (never cached, so never shared)."""
+    spec, _, text = compiled
+    root = spec.root.dag.tasks
+    assert "isArtifactList" not in text
+    assert "train-and-evaluate" in root["report-op"].dependent_tasks
+    assert set(root["report-op"].inputs.artifacts) == {"dataset"}
+    for inputs in (root["report-op"].inputs, root["train-and-evaluate"].inputs):
+        assert inputs.parameters["run_dir"].task_output_parameter.producer_task == "start-op"
+    assert not root["start-op"].caching_options.enable_cache
+    _, body = loop_tasks(spec)
+    assert body["evaluate-op"].inputs.parameters["run_dir"].component_input_parameter == "pipelinechannel--run_dir"
+
+
+def test_no_display_names(compiled):
+    """Drivers before 2.14 look a producer up by its display name: every task keeps its own name."""
+    spec, _, _ = compiled
+    dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
+    tasks = [(name, task) for dag in dags for name, task in dag.tasks.items()]
+    assert len(tasks) == 7 and all(task.task_info.name == name for name, task in tasks)
+
+
 def test_every_task_runs_the_configured_image(compiled):
     spec, _, text = compiled
     executors = spec.deployment_spec.fields["executors"].struct_value.fields
-    assert set(executors) == {"exec-ingest-op", "exec-train-op", "exec-evaluate-op", "exec-report-op"}
+    assert set(executors) == EXECUTORS
     assert {parse_container(spec, name).image for name in executors} == {IMAGE}
     assert ":latest" not in text and "pip install" not in text  # nothing installed when a task starts
 
@@ -83,8 +110,7 @@ def test_train_gets_a_gpu_shm_resources_tolerations_and_retries(compiled):
     assert not train.node_selector.labels  # optional, off by default
     assert all(not k8s[name].empty_dir_mounts and not k8s[name].tolerations for name in k8s if name != "exec-train-op")
 
-    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
-    retry = spec.components[loop.component_ref.name].dag.tasks["train-op"].retry_policy
+    retry = loop_tasks(spec)[1]["train-op"].retry_policy
     assert (retry.max_retry_count, retry.backoff_duration.seconds, retry.backoff_factor,
             retry.backoff_max_duration.seconds) == (2, 60, 2.0, 3600)
     assert spec.root.dag.tasks["ingest-op"].caching_options.enable_cache
@@ -92,16 +118,67 @@ def test_train_gets_a_gpu_shm_resources_tolerations_and_retries(compiled):
 
 def test_store_credentials_come_from_the_secret_only(compiled):
     spec, k8s, text = compiled
-    for name in STORE_TASKS:
+    assert set(k8s) == EXECUTORS  # every step reads or writes the store (report: the run's results)
+    for name in EXECUTORS:
         [secret] = k8s[name].secret_as_env
-        assert secret.secret_name_parameter.runtime_value.constant.string_value == "mlpipeline-minio-artifact"
+        assert secret.secret_name == "mlpipeline-minio-artifact"
         assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
             "accesskey": "MINIO_ACCESS_KEY", "secretkey": "MINIO_SECRET_KEY"}
         env = {e.name: e.value for e in parse_container(spec, name).env}
-        assert env == {"MINIO_ENDPOINT": "minio-service.kubeflow:9000"}
-    assert "exec-report-op" not in k8s  # report reads only its input artifacts: no Secret, no platform config
+        # Kubeflow's bucket is not ours: the tasks never check for it or create it
+        assert env == {"MINIO_ENDPOINT": "minio-service.kubeflow:9000", "MINIO_CREATE_BUCKET": "false"}
     for value in CREDENTIALS.values():
         assert value not in text
+
+
+def test_platform_spec_has_no_field_that_old_drivers_reject(compiled):
+    """KFP 2.3.0-2.4.0 drivers parse the executor config strictly and know neither
+    SecretAsEnv.optional nor *.secretNameParameter; 2.14's compiler rejects optional. Checked on the
+    raw YAML, and against the descriptor of the kfp-kubernetes release 2.3.0 was built with in
+    tests/test_kfp_compat.py."""
+    _, _, text = compiled
+    platform = list(yaml.safe_load_all(text))[1]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            found.update(k for k in node if k == "optional" or k.endswith("NameParameter"))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(executors)
+    assert found == set()
+    assert all(s["secretName"] == "mlpipeline-minio-artifact" for e in executors.values() for s in e["secretAsEnv"])
+
+
+def test_stripping_keeps_what_carries_meaning():
+    """optional: true and a secret name from a pipeline parameter say something: they stay."""
+    from kfp import dsl, kubernetes
+
+    from pneumonia_kfp.components.start import start_op
+    from pneumonia_kfp.pipelines.pipeline import compatible_platform_spec
+
+    @dsl.pipeline(name="p")
+    def p(secret: str, storage: str):
+        a = start_op(storage=storage)
+        kubernetes.use_secret_as_env(a, secret_name="constant", secret_key_to_env={"k": "K"}, optional=True)
+        b = start_op(storage=storage)
+        kubernetes.use_secret_as_env(b, secret_name=secret, secret_key_to_env={"k": "K"})
+        kubernetes.set_image_pull_secrets(b, ["regcred"])
+
+    before = json_format.MessageToDict(p.platform_spec)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    after = json_format.MessageToDict(compatible_platform_spec(p.platform_spec))["platforms"]["kubernetes"][
+        "deploymentSpec"]["executors"]
+    [a] = after["exec-start-op"]["secretAsEnv"]
+    assert a["optional"] is True and "secretNameParameter" not in a and a["secretName"] == "constant"
+    [b] = after["exec-start-op-2"]["secretAsEnv"]
+    assert "optional" not in b and b["secretNameParameter"] == before["exec-start-op-2"]["secretAsEnv"][0][
+        "secretNameParameter"]  # a runtime value: the only place the name is
+    assert after["exec-start-op-2"]["imagePullSecret"] == [{"secretName": "regcred"}]
 
 
 def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
@@ -110,6 +187,7 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
         "minio": {"endpoint": "https://minio.storage:9000", "secret": "team-minio",
                   "access_key_key": "AWS_ACCESS_KEY_ID", "secret_key_key": "AWS_SECRET_ACCESS_KEY"},
         "env": {"PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"},
+        "storage": "s3://team-bucket/{namespace}/xray",
         "image_pull_secrets": ["regcred"],
         "ingest": {"cache": False},
         "train": {"accelerator_count": 4, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
@@ -119,13 +197,13 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
     }))
     monkeypatch.setenv("PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT", "2")  # env beats the file
     monkeypatch.setenv("PNEUMONIA_KFP_IMAGE", "registry.example.com/from-env:2")
-    spec, k8s, _ = compile_spec(tmp_path, "--settings", str(settings), "--set", "train.retries=0", "--image", IMAGE)
+    spec, k8s, _ = compile_spec(tmp_path, "--settings", str(settings), "--set", "train.retries=0", "--image", IMAGE,
+                                "--set", "env.HTTPS_PROXY=http://proxy:3128", "--set", "minio.create_bucket=true")
 
     assert parse_container(spec, "exec-train-op").image == IMAGE  # flags beat env
     train_resources = parse_container(spec, "exec-train-op").resources
     assert train_resources.accelerator.resource_count == "2" and train_resources.resource_cpu_limit == "16"
-    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
-    assert not spec.components[loop.component_ref.name].dag.tasks["train-op"].HasField("retry_policy")
+    assert not loop_tasks(spec)[1]["train-op"].HasField("retry_policy")
     assert not spec.root.dag.tasks["ingest-op"].caching_options.enable_cache
 
     train = k8s["exec-train-op"]
@@ -134,13 +212,14 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
     assert (toleration.key, toleration.value, toleration.effect, toleration.toleration_seconds) == (
         "dedicated", "gpu", "NoExecute", 600)
     assert train.empty_dir_mounts[0].size_limit == "16Gi"
-    for name in STORE_TASKS:
+    for name in EXECUTORS:
         [secret] = k8s[name].secret_as_env
-        assert secret.secret_name_parameter.runtime_value.constant.string_value == "team-minio"
+        assert secret.secret_name == "team-minio"
         assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
             "AWS_ACCESS_KEY_ID": "MINIO_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY": "MINIO_SECRET_KEY"}
         assert {e.name: e.value for e in parse_container(spec, name).env} == {
-            "MINIO_ENDPOINT": "https://minio.storage:9000", "PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091"}
+            "MINIO_ENDPOINT": "https://minio.storage:9000", "PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091",
+            "HTTPS_PROXY": "http://proxy:3128"}  # and no MINIO_CREATE_BUCKET: this store's bucket is ours
     assert all([p.secret_name for p in k8s[name].image_pull_secret] == ["regcred"] for name in k8s)
 
 
@@ -151,7 +230,7 @@ def test_cpu_only_training(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--image", "registry.example.com/pneumonia-kfp:latest"], "never :latest"),
-    (["--image", "registry.example.com:5000/pneumonia-kfp"], "pin the image with a tag or digest"),
+    (["--image", "registry.example.com/pneumonia-kfp:"], "pin the image with a tag or digest"),
     (["--set", "train.gpus=2"], "unknown setting 'train.gpus'; known: env, evaluate.cpu_limit"),
     (["--set", "train.memory_limit=32GB"], "train.memory_limit='32GB': expected a memory quantity"),
     (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 or more"),
@@ -159,6 +238,9 @@ def test_cpu_only_training(tmp_path):
     (["--set", "train.tolerations=[{key: a, operator: Equals}]"], "operator Equal|Exists"),
     (["--set", "env={MINIO_ENDPOINT: x:9000}"], "set minio.endpoint instead"),
     (["--set", "env={MINIO_SECRET_KEY: x}"], "credentials come from the Secret minio.secret"),
+    (["--set", "env.AWS_SECRET_ACCESS_KEY=x"], "credentials come from the Secret minio.secret"),
+    (["--set", "env.MINIO_CREATE_BUCKET=true"], "set minio.create_bucket instead"),
+    (["--set", "storage=/data/store"], "storage='/data/store': expected s3://bucket/prefix"),
     (["--set", "minio.secret=Not_A_Name"], "minio.secret='Not_A_Name': expected a Kubernetes name"),
     (["--set", "train.retries"], "expected KEY=VALUE"),
     (["--settings", "/does/not/exist.yaml"], "settings file /does/not/exist.yaml"),
@@ -178,3 +260,17 @@ def test_bad_environment_setting_names_the_variable(monkeypatch):
 
 def test_defaults_are_valid_and_the_dataclass_is_the_single_source():
     assert load(environ={}) == Settings().validate()
+
+
+def test_image_without_tag_gets_this_checkouts_tag_and_others_warn(tmp_path, caplog):
+    from pneumonia_kfp import __version__
+    from pneumonia_kfp.components.kfp_defaults import IMAGE_TAG, LOCK_HASH
+
+    assert IMAGE_TAG == f"{__version__}-{LOCK_HASH}"
+    spec, _, _ = compile_spec(tmp_path, "--image", "registry.example.com:5000/team/pneumonia-kfp")
+    assert parse_container(spec, "exec-train-op").image == f"registry.example.com:5000/team/pneumonia-kfp:{IMAGE_TAG}"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    compile_spec(tmp_path, "--image", IMAGE)  # 1.2.3: some other build
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"image {IMAGE} is not tagged {IMAGE_TAG}" in warning and "make image" in warning

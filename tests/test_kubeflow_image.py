@@ -1,15 +1,91 @@
-"""The task image: its Dockerfile lints clean and `make image` builds and pushes only pinned tags.
+"""The task image is what the tests ran: one lock file with exact versions, installed by `make setup`
+and by images/Dockerfile; the default image tag names the version and the lock; the Dockerfile
+lints clean and checks itself; `make image` pushes only pinned tags.
 
 No Docker engine here: the build itself runs where `make image` is run."""
+import hashlib
+import importlib
+import importlib.metadata
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from pneumonia_kfp import __version__
+from pneumonia_kfp.components.kfp_defaults import IMAGE_TAG, LOCK_HASH
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "images" / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$")
+
+
+def lock() -> dict[str, str]:
+    """canonical name -> exact version; every line that is not a comment must be name==version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        m = PIN.match(line)
+        assert m, f"requirements.lock: {line!r} is not name==version"
+        pins[canonicalize_name(m[1])] = m[2]
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_within_pyproject_ranges():
+    pins = lock()
+    runtime = [r for r in map(Requirement, importlib.metadata.requires("pneumonia-kfp")) if not r.marker]
+    assert len(runtime) >= 10
+    for dep in runtime:
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{dep.name} is not in requirements.lock"
+        assert dep.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {dep}"
+    assert (pins["torch"], pins["torchvision"]) == ("2.14.1", "0.29.1")  # what this project's machines test
+    assert {"kfp", "kfp-kubernetes", "kfp-pipeline-spec", "kfp-server-api"} <= set(pins)
+
+
+def test_lock_is_closed():
+    """Every requirement of a locked package (on this platform, without extras unless asked for) is
+    locked too, so the image's `pip install --no-deps` of the project on top misses nothing."""
+    pins = lock()
+    missing = set()
+    for name in pins:
+        for text in importlib.metadata.requires(name) or []:
+            req = Requirement(text)
+            if (not req.marker or req.marker.evaluate({"extra": ""})) and canonicalize_name(req.name) not in pins:
+                missing.add(f"{req.name} (for {name})")
+    assert missing == set()
+    # torch's CUDA runtime comes as pip packages: the image's CUDA is the locked one
+    assert {"cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13"} <= set(pins)
+
+
+def test_the_tests_run_the_locked_versions():
+    """`make setup` installed the lock: what this test process imports is what the image installs."""
+    installed = {name: importlib.metadata.version(name) for name in lock()}
+    assert installed == lock()
+    import torch
+
+    assert torch.__version__.split("+")[0] == lock()["torch"]
+
+
+def test_default_image_tag_is_version_and_lock_hash():
+    assert LOCK_HASH == hashlib.sha256(LOCK.read_bytes()).hexdigest()[:12]  # `make lock` keeps it current
+    assert IMAGE_TAG == f"{__version__}-{LOCK_HASH}"
+    result = subprocess.run(["make", "-n", "image", "REGISTRY=registry.example.com/team"], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    assert f"-t registry.example.com/team/pneumonia-kfp:{IMAGE_TAG} ." in " ".join(result.stdout.split())
+
+
+def test_make_setup_installs_the_lock():
+    result = subprocess.run(["make", "-n", "-B", ".venv/bin/.installed"], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    commands = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert ".venv/bin/pip install --quiet -r requirements.lock -e .[dev]" in [c.replace("'", "") for c in commands]
+    assert ".venv/bin/pip check" in commands
 
 
 def test_dockerfile_is_hadolint_clean():
@@ -19,28 +95,43 @@ def test_dockerfile_is_hadolint_clean():
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
-def test_dockerfile_pins_a_cuda_base_and_runs_as_non_root():
+def test_dockerfile_installs_the_lock_on_the_tests_python_and_checks_itself():
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base)
+    python = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", base)
+    assert python, base
+    assert tuple(map(int, python.groups())) == sys.version_info[:2]  # the Python the tests run
+    assert re.search(rf"for Python {sys.version_info[0]}\.{sys.version_info[1]} on Linux", LOCK.read_text())
+    runs = [" ".join(r.replace("\\\n", " ").split()) for r in re.findall(r"^RUN (.*?)(?<!\\)$", text, re.M | re.S)]
+    lock_step = next(r for r in runs if "requirements.lock" in r and "-r" in r)
+    assert "source=requirements.lock" in lock_step and "pip install --no-cache-dir -r /tmp/requirements.lock" \
+        in lock_step
+    project_step = runs[runs.index(lock_step) + 1]
+    # the project without resolving again, then pip check and the import check against the lock
+    assert "pip install --no-cache-dir --no-deps /src && pip check && python -c" in project_step
+    assert "/src/requirements.lock" in project_step and "import torch" in project_step
+    assert "[dev]" not in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert "pip install --no-cache-dir /src" in text and "[dev]" not in text
 
 
-def test_build_context_holds_only_what_pip_install_reads():
+def test_build_context_holds_only_what_the_build_reads():
     ignore = (ROOT / "images" / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*"):] == ["*", "!pyproject.toml", "!README.md", "!components/", "!pipelines/",
-                                          "**/__pycache__"]
+    assert ignore[ignore.index("*"):] == ["*", "!requirements.lock", "!pyproject.toml", "!README.md",
+                                          "!pneumonia_kfp/", "!components/", "!pipelines/", "**/__pycache__"]
+    # every package directory reaches `pip install /src` (the library was missing once)
+    for package in ("pneumonia_kfp", "pneumonia_kfp.components", "pneumonia_kfp.pipelines"):
+        source = Path(importlib.import_module(package).__file__).parent.relative_to(ROOT)
+        assert f"!{source.as_posix()}/" in ignore
 
 
-@pytest.mark.parametrize("image, message", [
-    ("", "set IMAGE=registry/name:tag"),
-    ("registry.example.com/pneumonia-kfp:latest", "not :latest"),
-    ("registry.example.com:5000/pneumonia-kfp", "has no tag"),
+@pytest.mark.parametrize("args, message", [
+    ([], "set REGISTRY=registry/path"),
+    (["IMAGE=registry.example.com/pneumonia-kfp:latest"], "not :latest"),
+    (["IMAGE=registry.example.com:5000/pneumonia-kfp"], "has no tag"),
 ])
-def test_make_image_refuses_unpinned_references(image, message):
-    result = subprocess.run(["make", "-s", "image", f"IMAGE={image}"], cwd=ROOT, capture_output=True, text=True)
+def test_make_image_refuses_unpinned_references(args, message):
+    result = subprocess.run(["make", "-s", "image", *args], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr
 
 

@@ -184,9 +184,9 @@ def test_bad_parameter_is_rejected_before_any_request(kfp_api, capsys, args, mes
 
 
 @pytest.mark.parametrize("params, message", [
-    (["--param", "data=s3://bucket/x"], "missing --param storage=... (no default)"),
-    (["--param", "data=/home/me/xray", "--param", "storage=s3://b/p"], "--param data=/home/me/xray: a path"),
-    (["--param", "data=s3://b/x", "--param", "storage=file:///tmp/store"], "use s3://bucket/prefix"),
+    (["--param", "storage=s3://bucket/x"], "missing --param data=... (no default)"),
+    (["--param", "data=/home/me/xray", "--param", "storage=s3://store/p"], "--param data=/home/me/xray: a path"),
+    (["--param", "data=s3://datasets/x", "--param", "storage=file:///tmp/store"], "use s3://bucket/prefix"),
 ])
 def test_missing_or_local_parameters(kfp_api, capsys, params, message):
     assert submit(kfp_api, *params) == 2
@@ -239,3 +239,29 @@ def test_not_a_kfp_server(kfp_api, capsys):
     kfp_api.fail["GET /apis/v2beta1/healthz"] = (404, {})
     assert submit(kfp_api, *S3) == 2
     assert "is not a Kubeflow Pipelines API" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("namespace, storage", [
+    (["--namespace", "team-a"], "s3://mlpipeline/private/team-a/pneumonia-kfp"),  # the profile's prefix
+    ([], "s3://mlpipeline/private/kubeflow/pneumonia-kfp"),  # standalone KFP runs in kubeflow
+])
+def test_storage_defaults_to_the_prefix_the_profile_may_write(kfp_api, capsys, namespace, storage):
+    assert submit(kfp_api, *namespace, "--param", "data=s3://mlpipeline/private/team-a/data/chest_xray") == 0
+    run = next(r["body"] for r in kfp_api.requests if r["path"] == "/apis/v2beta1/runs")
+    assert run["runtime_config"]["parameters"]["storage"] == storage
+
+
+def test_storage_setting_and_param_override_the_default(kfp_api, capsys):
+    assert submit(kfp_api, "--namespace", "team-a", "--set", "storage=s3://team-store/{namespace}/xray",
+                  "--param", "data=s3://datasets/x") == 0
+    run = next(r["body"] for r in kfp_api.requests if r["path"] == "/apis/v2beta1/runs")
+    assert run["runtime_config"]["parameters"]["storage"] == "s3://team-store/team-a/xray"
+
+
+def test_kfp_value_error_is_one_line(kfp_api, capsys):
+    """kfp.Client raises ValueError of its own, e.g. for an experiment name that is not unique."""
+    kfp_api.experiments += [{"experiment_id": f"exp-{i}", "display_name": "pneumonia-kfp"} for i in (1, 2)]
+    assert submit(kfp_api, *S3) == 2
+    err = one_error_line(capsys)
+    assert "Multiple experiments is found with name pneumonia-kfp" in err and kfp_api.url in err
+    assert not [r for r in kfp_api.requests if r["path"] == "/apis/v2beta1/runs"]

@@ -22,7 +22,7 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     # the console has stage, progress and result lines; the executors' JSON dumps are in the log file
     log = (out / "run-local.log").read_text()
     assert "executor_input" in log and "executor_input" not in printed and '"inputs"' not in printed
-    assert printed.count("Executing task") == 2 * 2 + 2  # ingest, report, and train + evaluate per backbone
+    assert printed.count("Executing task") == 2 * 2 + 3  # start, ingest, report, and train + evaluate per backbone
     assert len(printed.splitlines()) < len(log.splitlines()) / 4
     store = open_store("s3://pipeline-bucket/e2e")
     # the credentials reach the tasks only through the environment: in no log line, no artifact
@@ -60,17 +60,20 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     for name in ("resnet18", "efficientnet_b0"):
         assert name in md and name in page
     # kfp's local pipeline root stays under OUT, with one train task per backbone
-    assert len(list((out / "kfp-root").glob("*/for-loop-*/train-op"))) == 2
+    assert len([p for p in (out / "kfp-root").rglob("train-op") if p.is_dir()]) == 2
 
 
-def test_compile_has_parallel_for_and_collected(tmp_path):
+def test_compile_has_parallel_for_in_a_sub_pipeline_and_report_after_it(tmp_path):
     target = tmp_path / "pipeline.yaml"
     assert main(["compile", "-o", str(target), "--max-parallel", "3"]) == 0
     spec = next(yaml.safe_load_all(target.read_text()))  # the IR; the Kubernetes platform spec follows
     dag = spec["root"]["dag"]["tasks"]
-    loop = next(t for name, t in dag.items() if name.startswith("for-loop"))
+    inner = spec["components"][dag["train-and-evaluate"]["componentRef"]["name"]]["dag"]["tasks"]
+    loop = next(t for name, t in inner.items() if name.startswith("for-loop"))
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--backbones"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
-    assert set(dag) >= {"ingest-op", "report-op"}
-    report_input = dag["report-op"]["inputs"]["artifacts"]["results"]
-    assert report_input["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    assert set(dag) == {"start-op", "ingest-op", "train-and-evaluate", "report-op"}
+    # fan-in through the run folder: report waits for the sub-pipeline and takes no collected artifacts
+    assert "train-and-evaluate" in dag["report-op"]["dependentTasks"]
+    assert set(dag["report-op"]["inputs"]["artifacts"]) == {"dataset"}
+    assert dag["report-op"]["inputs"]["parameters"]["run_dir"]["taskOutputParameter"]["producerTask"] == "start-op"

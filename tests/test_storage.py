@@ -69,3 +69,30 @@ def test_unreachable_endpoint_fails_fast_naming_it(monkeypatch):
     with pytest.raises(StorageError, match=f"127.0.0.1:{port}.*unreachable"):
         open_store("s3://bucket/p").put_bytes("k", b"v")
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_file_store_files_are_readable_as_the_umask_says(tmp_path, umask, mode):
+    import subprocess
+    import sys
+
+    code = (f"import os; os.umask({umask}); from pneumonia_kfp.storage import FileStore;"
+            f"s = FileStore({str(tmp_path)!r}); s.put_bytes('a/b.bin', b'x'); s.put_chunks('c.bin', [b'y']);"
+            f"s.put_file('d.bin', {str(tmp_path / 'src')!r})")
+    (tmp_path / "src").write_bytes(b"z")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a" / "b.bin", tmp_path / "c.bin", tmp_path / "d.bin")} \
+        == {oct(mode)}
+
+
+def test_streamed_writes_ranges_signatures_and_deletes(store):
+    chunks = [bytes([i]) * 100_000 for i in range(50)]  # 5 MB in small chunks, never joined by the caller
+    store.put_chunks("big/blob.bin", iter(chunks))
+    assert store.get_bytes("big/blob.bin") == b"".join(chunks)
+    assert store.get_range("big/blob.bin", 250_000, 10) == bytes([2]) * 10
+    before = store.signatures("big")
+    assert list(before) == ["big/blob.bin"] and before["big/blob.bin"][0] == 5_000_000
+    store.put_bytes("big/blob.bin", b"rewritten")  # any rewrite changes the signature
+    assert store.signatures("big")["big/blob.bin"] != before["big/blob.bin"]
+    store.delete("big/blob.bin")
+    assert not store.exists("big/blob.bin") and store.signatures("big") == {}

@@ -121,3 +121,114 @@ def test_same_patient_in_train_and_test_is_a_warning(data, tmp_path, caplog):
     info = ingest(str(data), _store(tmp_path), image_size=32)
     assert f"1 patients have images in both train and test: {patient}" in caplog.text
     assert StoredDataset(info["uri"]).manifest["patients_in_train_and_test"] == [patient]
+
+
+# --- hostile files: rejected with a reason under both policies, never a hang or a traceback ------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width×height pixels and holds none (a decompression-bomb header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def _cli_ingest(data, tmp_path, *extra, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data", str(data), "--storage",
+         _store(tmp_path), "--image-size", "32", *extra],
+        capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})},  # a hang fails the test
+    )
+
+
+@pytest.fixture
+def hostile(data, tmp_path):
+    """The data folder with one of each hostile file in train/NORMAL; {relpath: expected reason}."""
+    import socket
+    import stat
+
+    n = data / "train" / "NORMAL"
+    os.mkfifo(n / "fifo.jpeg")
+    os.symlink(n / "fifo.jpeg", n / "link-to-fifo.jpeg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(n / "socket.jpeg"))
+    os.symlink(n / "loop-b.jpeg", n / "loop-a.jpeg")
+    os.symlink(n / "loop-a.jpeg", n / "loop-b.jpeg")
+    os.symlink(n / "gone.jpeg", n / "dangling.jpeg")
+    (n / "bomb.png").write_bytes(_png_header(30000, 30000))
+    Image.new("L", (8000, 8000)).save(n / "big.png")  # a real 64 MP image, a few hundred KB as PNG
+    expected = {
+        "train/NORMAL/fifo.jpeg": "not a regular file (a FIFO)",
+        "train/NORMAL/link-to-fifo.jpeg": "not a regular file (a FIFO)",
+        "train/NORMAL/socket.jpeg": "not a regular file (a socket)",
+        "train/NORMAL/loop-a.jpeg": "symlink loop",
+        "train/NORMAL/loop-b.jpeg": "symlink loop",
+        "train/NORMAL/dangling.jpeg": "broken symlink (its target does not exist)",
+        "train/NORMAL/bomb.png": "too large: 30000x30000 px = 900 MP, over the pixel limit of 50 MP "
+                                 "(PNEUMONIA_KFP_MAX_PIXELS)",
+        "train/NORMAL/big.png": "too large: 8000x8000 px = 64 MP, over the pixel limit of 50 MP "
+                                "(PNEUMONIA_KFP_MAX_PIXELS)",
+    }
+    if os.geteuid() == 0:  # a device node needs root to make; without root, a symlink to one (outside the root)
+        os.mknod(n / "device.jpeg", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        expected["train/NORMAL/device.jpeg"] = "not a regular file (a character device)"
+    else:
+        os.symlink("/dev/zero", n / "device.jpeg")
+        expected["train/NORMAL/device.jpeg"] = "symlink pointing outside the data root"
+    yield expected
+    sock.close()
+
+
+def test_hostile_files_fail_with_one_line_naming_them(hostile, data, tmp_path):
+    out = _cli_ingest(data, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and f"{len(hostile)} of " in out.stderr
+    assert _rejected(tmp_path) == hostile
+
+
+def test_hostile_files_are_skipped_with_their_reasons(hostile, data, tmp_path):
+    out = _cli_ingest(data, tmp_path, "--on-invalid", "skip")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert _rejected(tmp_path) == hostile
+    ds = StoredDataset(out.stdout.strip().splitlines()[-1])
+    assert ds.manifest["rejected"] == len(hostile) and ds.manifest["counts"]["train"]["NORMAL"] == 40
+    assert not {e["path"] for e in ds.manifest["files"]} & set(hostile)
+
+
+def test_the_pixel_limit_is_a_setting(data, tmp_path):
+    out = _cli_ingest(data, tmp_path, env={"PNEUMONIA_KFP_MAX_PIXELS": "2000"})  # the 48 px images are 2,304 px
+    assert out.returncode == 2 and "too large: 48x48 px" in out.stderr and "Traceback" not in out.stderr
+    out = _cli_ingest(data, tmp_path, env={"PNEUMONIA_KFP_MAX_PIXELS": "lots"})
+    assert out.returncode == 2 and "PNEUMONIA_KFP_MAX_PIXELS='lots'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_class_folder_outside_the_data_root_is_refused(data, tmp_path, policy):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(data / "test" / "NORMAL", elsewhere)
+    os.symlink(elsewhere, data / "test" / "NORMAL")
+    with pytest.raises(DataError, match=r"test/NORMAL resolves to .*elsewhere, outside the data root"):
+        ingest(str(data), _store(tmp_path), image_size=32, on_invalid=policy)
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_an_empty_class_in_any_split_names_the_split_and_class(data, tmp_path, policy):
+    for p in (data / "test" / "NORMAL").iterdir():
+        p.unlink()
+    with pytest.raises(DataError, match="test/NORMAL holds no images: every split needs at least one image"):
+        ingest(str(data), _store(tmp_path), image_size=32, on_invalid=policy)
+
+
+def test_a_class_left_without_valid_images_in_test_names_the_split(data, tmp_path):
+    for p in (data / "test" / "NORMAL").iterdir():
+        p.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="test/NORMAL has no valid image left: every split needs"):
+        ingest(str(data), _store(tmp_path), image_size=32, on_invalid="skip")

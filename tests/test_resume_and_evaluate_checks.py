@@ -1,0 +1,56 @@
+"""Resume verifies last.pt before using it; evaluate refuses a test split without both classes."""
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pneumonia_kfp import resume, validation
+from pneumonia_kfp.data import DataError
+from pneumonia_kfp.evaluation import evaluate
+from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.storage import open_store
+
+
+@pytest.fixture
+def states(tmp_path):
+    store = open_store((tmp_path / "checkpoints").as_uri())
+    state = {"epoch": 2, "model": {"w": torch.arange(4096, dtype=torch.float32)}, "history": [{"epoch": 1}]}
+    resume.save(store, state)
+    return store, state, tmp_path / "checkpoints" / "last.pt"
+
+
+def test_a_saved_state_loads_back(states):
+    store, state, _ = states
+    loaded = resume.load(store, "cpu")
+    assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "old format"])
+def test_a_damaged_state_is_not_used_and_training_starts_over(states, damage, caplog):
+    store, state, path = states
+    data = path.read_bytes()
+    if damage == "flip":  # 4 KB flipped in the middle of the tensors
+        mid = len(data) // 2
+        data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 4096]) + data[mid + 4096:]
+    elif damage == "truncate":
+        data = data[:len(data) // 3]
+    else:  # a torch.save file without the checksum header: cannot be verified
+        data = data.partition(b"\n")[2]
+    path.write_bytes(data)
+    with caplog.at_level(logging.WARNING):
+        assert resume.load(store, "cpu") is None
+    assert "last.pt is damaged" in caplog.text and "training starts over" in caplog.text
+
+
+def test_evaluate_refuses_a_one_class_test_split(image_folder, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    for p in (data / "test" / "NORMAL").iterdir():
+        p.write_bytes(b"not an image")
+    # a version with a one-class test split, as an older ingest could write it (today's refuses)
+    monkeypatch.setattr(validation, "check_classes", lambda *a: None)
+    info = ingest(str(data), (tmp_path / "store").as_uri(), image_size=32, on_invalid="skip")
+    assert info["counts"]["test"] == {"NORMAL": 0, "PNEUMONIA": 12}
+    with pytest.raises(DataError, match="has 12 test images of 1 class.*needs images of each of NORMAL, PNEUMONIA"):
+        evaluate(info["uri"], str(tmp_path / "no-model-needed.pt"))

@@ -1,0 +1,149 @@
+"""run-local as a user meets it: checks before any task starts, the failing task's own error line last,
+and no orphan task or stray workspace when the CLI is interrupted or killed."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pneumonia_kfp.pipelines.cli import main
+from pneumonia_kfp.pipelines.local import ConsoleFilter
+from pneumonia_kfp.synthetic import make_synthetic
+
+# what kfp's local runner prints: task start and end lines (with colour codes), each task's output indented
+START = "16:04:34.611 - INFO - Executing task \x1b[96m'{}'\x1b[0m\n"
+END = "16:04:36.619 - {} - Task \x1b[96m'{}'\x1b[0m finished with status \x1b[{}m{}\x1b[0m\n"
+
+
+def _traceback(exception_line: str) -> str:
+    return ("    Traceback (most recent call last):\n"
+            '      File "/venv/lib/python3.11/site-packages/kfp/dsl/executor.py", line 453, in execute\n'
+            "        result = self.func(**func_kwargs)\n"
+            "                 ^^^^^^^^^^^^^^^^^^^^^^^^\n"
+            f"    {exception_line}\n")
+
+
+def test_console_filter_finds_the_failing_tasks_own_error_line():
+    console = io.StringIO()
+    stream = ConsoleFilter(io.StringIO(), console)
+    stream.write(START.format("train-op") + START.format("train-op-2"))
+    # the healthy task logs a line that merely looks like an error, in between the other's traceback
+    stream.write("    [KFP Executor 2026-11-27 16:04:35,000 INFO]: ValueError: retrying a flaky read (ok)\n")
+    stream.write("    Traceback (most recent call last):\n"
+                 '      File "/work/pneumonia_kfp/training.py", line 10, in train\n')
+    stream.write("    [KFP Executor 2026-11-27 16:04:35,100 INFO]: resnet50 epoch 1/5  loss 0.6\n")  # interleaved
+    stream.write("        raise torch.OutOfMemoryError('CUDA out of memory')\n"
+                 "    torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                 "    \n")
+    stream.write(END.format("ERROR", "train-op", 91, "FAILURE"))
+    stream.write("    RuntimeError: something a later task printed\n")
+    stream.write(END.format("INFO", "train-op-2", 92, "SUCCESS"))
+    assert stream.failure == ("train-op", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "resnet50 epoch 1/5" in console.getvalue() and "FAILURE" in console.getvalue()
+
+
+@pytest.mark.parametrize("exception_line, expected", [
+    ("KeyboardInterrupt", "KeyboardInterrupt"),  # not an *Error
+    ("pneumonia_kfp.errors.DataError: 1 of 29 files rejected", "DataError: 1 of 29 files rejected"),
+    ("Exception: plain", "Exception: plain"),
+])
+def test_console_filter_takes_any_exception_that_ends_a_traceback(exception_line, expected):
+    stream = ConsoleFilter(io.StringIO(), io.StringIO())
+    stream.write(START.format("ingest-op") + _traceback("ValueError: the first, chained") +
+                 "    \n    During handling of the above exception, another exception occurred:\n    \n" +
+                 _traceback(exception_line) + END.format("ERROR", "ingest-op", 91, "FAILURE"))
+    assert stream.failure == ("ingest-op", expected)
+
+
+def test_a_failing_task_is_the_last_line(tmp_path):
+    data = make_synthetic(tmp_path / "data", {"train": 10, "test": 4}, size=40)
+    (data / "train" / "NORMAL" / "bad.jpeg").write_text("not an image")
+    out = subprocess.run([sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "run-local", "--data", str(data),
+                          "--output", str(tmp_path / "out"), "--backbones", "resnet18", "--epochs", "1",
+                          "--image-size", "32"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pneumonia-kfp run-local: error: the local pipeline run failed: task ingest-op failed: "
+                           "DataError: 1 of 29 files rejected: train/NORMAL/bad.jpeg: not an image")
+    assert not (tmp_path / "out" / ".run-local").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--storage", "gs://bucket/x"], "scheme gs:// is not supported"),
+    (["--storage", "file://host/x"], "names the host 'host'"),
+    (["--storage", "s3://b/x"], "invalid bucket name b"),
+    (["--data", "file://nas/share/xray"], "data URI 'file://nas/share/xray' names the host 'nas'"),
+    (["--learning-rate", "nan"], "learning_rate=nan: must be a finite number"),
+    (["--learning-rate", "-1"], "learning_rate=-1.0: must be greater than 0"),
+    (["--image-size", "100000"], "image_size=100000: must be at most 1024"),
+])
+def test_settings_are_checked_before_any_task_starts(tmp_path, capsys, args, message):
+    rc = main(["run-local", "--output", str(tmp_path / "o"), "--backbones", "resnet18", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "kfp-root").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("output", ["a-file", "/proc/pneumonia-kfp-out"])
+def test_an_unwritable_output_is_one_line(tmp_path, capsys, output):
+    (tmp_path / "a-file").write_text("not a directory")
+    target = output if output.startswith("/") else str(tmp_path / output)
+    rc = main(["run-local", "--output", target, "--backbones", "resnet18"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"--output {target}: cannot write there" in err and len(err.splitlines()) == 1
+
+
+def _tree(pid: int) -> set[int]:
+    """pid and its descendants, now."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killing_run_local_ends_its_tasks_and_leaves_no_workspace(tmp_path, sig):
+    data = make_synthetic(tmp_path / "data", {"train": 40, "test": 8}, size=40)
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    cli = subprocess.Popen([sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "run-local", "--data", str(data),
+                            "--output", str(out), "--backbones", "resnet18", "--epochs", "500", "--image-size", "32"],
+                           env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline, training = time.monotonic() + 300, False
+    while time.monotonic() < deadline and cli.poll() is None and not training:
+        time.sleep(0.2)
+        processes = _tree(cli.pid)
+        training = any(b"train_op" in Path(f"/proc/{p}/cmdline").read_bytes() for p in processes if _alive(p))
+    assert training, "the train task never started"
+    processes = _tree(cli.pid) - {cli.pid}
+    cli.send_signal(sig)
+    cli.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in processes):
+        time.sleep(0.2)
+    assert not [p for p in processes if _alive(p)], "task processes outlived run-local"
+    assert not (out / ".run-local").exists() and not list(tmp.iterdir())  # no workspace, no task temp files
+    if sig != signal.SIGKILL:
+        assert cli.returncode == 128 + sig
+        assert f"stopped by {signal.Signals(sig).name}" in cli.stderr.read()
