@@ -206,10 +206,17 @@ def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndar
     """
     from pneumonia_kfp import validation
     from pneumonia_kfp.data import ImageFile, patient_id
-    from pneumonia_kfp.ingest import _fetch_source
+    from pneumonia_kfp.ingest import S3Source, open_source
+    from pneumonia_kfp.params import max_pixels
 
     with tempfile.TemporaryDirectory(prefix="external-") as tmp:
-        root = _fetch_source(data, Path(tmp))
+        source = open_source(data, Path(tmp))
+        if isinstance(source, S3Source):  # an s3:// prefix: its objects into tmp, then read as a folder
+            for key in source.etags:
+                source.store.get_file(key, Path(tmp) / key)
+            root = Path(tmp)
+        else:
+            root = source.root
         if not root.is_dir():
             raise DataError(f"external data {data} does not exist or is not a directory")
         base = root / "test" if (root / "test").is_dir() else root
@@ -219,11 +226,18 @@ def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndar
             raise DataError(f"{base} has class folders {found}: expected some of {classes} (the model's classes), "
                             f"in {data}/test/<class>/ or {data}/<class>/")
         files = [ImageFile("test", c, p, f"{p.relative_to(root)}") for c in found
-                 for p in sorted((base / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
+                 for p in sorted((base / c).iterdir()) if not p.name.startswith(".")]
         if not files:
             raise DataError(f"{base} holds no images")
+        limit = max_pixels()
+
+        def check(f: ImageFile):
+            if not f.path.is_file():  # a FIFO or device would block a read: refused by its stat, unopened
+                return None, "not a regular file"
+            return validation.check_image(f.path.read_bytes(), image_size, limit)
+
         with ThreadPoolExecutor(4) as pool:
-            checked = list(pool.map(lambda f: validation.check_file(f, root, image_size), files))
+            checked = list(pool.map(check, files))
     rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked, strict=True) if why]
     if rejected:
         raise validation.rejection_error(rejected, len(files))

@@ -398,10 +398,10 @@ def test_html_report_renders_in_chromium_without_network(dataset, evaluated, tmp
     assert not re.search(r"https?://", page)  # no external URL anywhere in the page
     html_file = tmp_path / "report.html"
     html_file.write_text(page)
-    png, urls = render(html_file, tmp_path)
+    png, urls = render(html_file, tmp_path, size=(1280, 2400))  # down to the ROC plot, below the tables
     assert urls == []
     px = _pixels(png)
-    assert px.shape[:2] == (1400, 1280)
+    assert px.shape[:2] == (2400, 1280)
     assert px.std() > 20  # not blank
     dark = (px.max(axis=2) < 100).sum()  # text
     saturation = px.max(axis=2) - px.min(axis=2)
