@@ -144,13 +144,13 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
 
     from pneumonia_kfp.data import StoredDataset
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = _load(model_path, device)
     ds = StoredDataset(dataset_uri)
     x, y, entries = ds.split("test")
     if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
         raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
                         f"the test split needs images of each of {', '.join(ds.classes)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = _load(model_path, device)  # after the data check: a bad test split fails before any model loads
     tta = meta.get("tta", False)
     predictions = {"test": predictions_block(entries, y, predict_probs(model, x, meta["mean"], meta["std"], tta))}
     if external_data:

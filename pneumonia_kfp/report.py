@@ -295,7 +295,7 @@ th{background:#f3f3f3}td:first-child,th:first-child,td:nth-child(2),td:nth-child
 tr.seed{color:#777;font-style:italic}tr.best{background:#e3f2e3;font-weight:600}
 .note{background:#fff6d6;padding:.5em 1em;border-left:4px solid #e0b000}
 .winner{background:#e3f2e3;padding:.5em 1em;border-left:4px solid #2e8b2e}.small{font-size:13px;color:#555}
-.thumbs{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#444}
+.thumbs{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:170px;font-size:11px;color:#444;overflow-wrap:anywhere}
 figure img{width:96px;height:96px;image-rendering:pixelated;display:block}
 img{max-width:100%}"""
 

@@ -48,6 +48,12 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     for name in ("efficientnet_b0", "resnet18"):
         assert {p.name for p in (out / "models" / name).iterdir()} == {"checkpoint.pt", "model.pt2", "model.onnx",
                                                                        "metadata.json"}
+    # the ensemble's own ClassificationMetrics for the UI, from the report step
+    report_out = json.loads(next((out / "kfp-root").rglob("report-op/executor_output.json")).read_text())
+    (ensemble,) = report_out["artifacts"]["ensemble_classification"]["artifacts"]
+    cm = ensemble["metadata"]["confusionMatrix"]
+    assert cm["annotationSpecs"] == [{"displayName": "NORMAL"}, {"displayName": "PNEUMONIA"}]
+    assert [list(map(int, r["row"])) for r in cm["rows"]] == results["models"][-1]["test"]["confusion_matrix"]
     header = (out / "predictions.csv").read_text().splitlines()[0]
     assert header == "split,file,patient,label,prob_efficientnet_b0,prob_resnet18,prob_ensemble"
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
