@@ -7,8 +7,6 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
-
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
 
 
@@ -16,6 +14,8 @@ PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pus
 def pushgateway(tmp_path_factory):
     """``host:port`` of a pushgateway running for this test module (in memory: Debian's binary
     persists to /var/lib/prometheus by default)."""
+    from tests.conftest import free_port  # here: conftest imports this module first
+
     port = free_port()
     log = tmp_path_factory.mktemp("pushgateway") / "pushgateway.log"
     with open(log, "w") as out:
