@@ -10,7 +10,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup system-packages run test lint compile image clean
+.PHONY: setup system-packages run test lint mutation compile image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: setup system-packages
 
 lint: setup
 	$(BIN)/ruff check .
+
+# mutation testing of the decision modules (mutmut), not part of `make test`: each module against the
+# tests mapped to it in scripts/mutation.py; writes docs/mutation-summary.md. MODULES=metrics,storage for some.
+MUTATION_JOBS ?= 2
+mutation: setup
+	$(BIN)/python scripts/mutation.py --jobs $(MUTATION_JOBS) $(if $(MODULES),--only $(MODULES))
 
 compile: setup
 	$(BIN)/pneumonia-kfp compile -o pipeline.yaml $(if $(IMAGE),--image $(IMAGE))
