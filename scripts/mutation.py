@@ -88,22 +88,29 @@ MODULES = {
 }
 
 
-def workspace(name: str, m: Module) -> tuple[Path, list[str]]:
-    """A fresh flat copy of the project for one module, with its mutmut and pytest configuration."""
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a tree keeping modification times: mutmut regenerates only the files that changed."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+
+
+def workspace(name: str, m: Module, fresh: bool) -> tuple[Path, list[str]]:
+    """The module's flat copy of the project, with its mutmut and pytest configuration."""
     ws = WORK / name
-    shutil.rmtree(ws, ignore_errors=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "pneumonia_kfp", ws / "pneumonia_kfp", ignore=ignore)
+    if fresh:
+        shutil.rmtree(ws, ignore_errors=True)
+    shutil.rmtree(ws / "tests", ignore_errors=True)
+    _copy(ROOT / "pneumonia_kfp", ws / "pneumonia_kfp")
     for sub in ("pipelines", "components"):  # where the installed package has them
-        shutil.copytree(ROOT / sub, ws / "pneumonia_kfp" / sub, ignore=ignore)
-    shutil.copytree(ROOT / "tests", ws / "tests", ignore=ignore)
-    tests = [t for t in m.tests if (ROOT / t.split("::")[0]).is_file()]  # a "before" run lacks the new files
+        _copy(ROOT / sub, ws / "pneumonia_kfp" / sub)
+    _copy(ROOT / "tests", ws / "tests")
+    for t in m.tests:  # a mapped test file not written yet: an empty stand-in keeps the selection (and cache) valid
+        (ws / t.split("::")[0]).touch()
     pyproject = (ROOT / "pyproject.toml").read_text()
     pytest_section = re.search(r"^\[tool\.pytest\.ini_options\]\n(?:(?!^\[).*\n?)*", pyproject, re.M).group(0)
     mutmut = {
         "source_paths": ["pneumonia_kfp"], "only_mutate": [m.source],
         "do_not_mutate_patterns": NOT_DECISIONS + m.skip,
-        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args_test_selection": m.tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider"],
         # torch's thread pools are not fork-safe once used: fork each mutant from a clean server
         "process_isolation": "forkserver", "timeout_multiplier": 10.0, "timeout_constant": 20.0,
@@ -111,26 +118,32 @@ def workspace(name: str, m: Module) -> tuple[Path, list[str]]:
     }
     (ws / "pyproject.toml").write_text(pytest_section + "\n[tool.mutmut]\n" + "".join(
         f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in mutmut.items()))
-    return ws, tests
+    return ws, [t for t in m.tests if (ROOT / t.split("::")[0]).is_file()]
 
 
-def run_module(name: str, m: Module, jobs: int) -> dict:
-    ws, tests = workspace(name, m)
+def _selected(codes: dict, module: str, m: Module) -> dict:
+    patterns = [f"{module}.{f}__mutmut_*" for f in m.functions]
+    return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def run_module(name: str, m: Module, jobs: int, fresh: bool) -> dict:
+    ws, tests = workspace(name, m, fresh)
     module = m.source[:-3].replace("/", ".")
+    meta = ws / "mutants" / (m.source + ".meta")
+    names = [f"{module}.{f}__mutmut_*" for f in m.functions]
+    if not fresh and meta.is_file():  # incremental: a killed mutant stays killed (mutmut re-tests changed functions)
+        cached = _selected(json.loads(meta.read_text())["exit_code_by_key"], module, m)
+        names = [k for k, v in cached.items() if status_of(v) != "killed"] or names
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.monotonic()
     with open(ws / "mutmut.log", "w") as log:
-        proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(jobs),
-                               *[f"{module}.{f}__mutmut_*" for f in m.functions]],
+        proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(jobs), *names],
                               cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT)
-    meta = ws / "mutants" / (m.source + ".meta")
     if proc.returncode != 0 or not meta.is_file():
         tail = (ws / "mutmut.log").read_text()[-3000:]
         raise SystemExit(f"mutation: mutmut failed on {name} (exit {proc.returncode}), {ws / 'mutmut.log'}:\n{tail}")
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    selected = {k: v for k, v in codes.items()
-                if any(fnmatch.fnmatchcase(k, f"{module}.{f}__mutmut_*") for f in m.functions)}
+    selected = _selected(json.loads(meta.read_text())["exit_code_by_key"], module, m)
     mutants = []
     for key, code in sorted(selected.items(), key=lambda kv: _natural(kv[0])):
         status = status_of(code)
@@ -242,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=f"comma-separated modules (default: all of {', '.join(MODULES)})")
     p.add_argument("--jobs", type=int, default=2, help="mutants tested at a time (default: 2)")
     p.add_argument("--summary", type=Path, default=SUMMARY, help=f"Markdown summary to write (default: {SUMMARY})")
+    p.add_argument("--incremental", action="store_true",
+                   help="keep build/mutation/<module>: re-test only mutants not killed last time (and changed code)")
+    p.add_argument("--results", type=Path, default=WORK / "results.json", help="where the JSON results go")
     p.add_argument("--resummarize", action="store_true",
                    help="only rewrite the summary from build/mutation/results.json (after editing the equivalents)")
     args = p.parse_args(argv)
-    results_file = WORK / "results.json"
+    results_file = args.results
     if args.resummarize:
         results = json.loads(results_file.read_text())
     else:
@@ -256,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for name in names:
             print(f"mutation: {name} ...", flush=True)
-            r = run_module(name, MODULES[name], args.jobs)
+            r = run_module(name, MODULES[name], args.jobs, fresh=not args.incremental)
             results.append(r)
             c = counts(r)
             print(f"mutation: {name}: {c['mutants']} mutants, {c['killed']} killed, {c['timeout']} timeout, "
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and results_file.is_file():  # keep the other modules' last results
             kept = [r for r in json.loads(results_file.read_text()) if r["module"] not in names]
             results = sorted(kept + results, key=lambda r: list(MODULES).index(r["module"]))
-        WORK.mkdir(parents=True, exist_ok=True)
+        results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     classify(results)
     args.summary.parent.mkdir(parents=True, exist_ok=True)
