@@ -140,12 +140,13 @@ def test_the_same_settings_resume_the_same_state(no_val, identity_store, tmp_pat
                                      "weights", "dataset"])
 def test_every_training_setting_changes_the_resume_identity(setting, no_val, own_val, identity_store, weights,
                                                             tmp_path, caplog):
-    changed = {"backbone": {"backbone": "resnet18"}, "epochs": {"epochs": 2}, "batch_size": {"batch_size": 4},
+    changed = {"backbone": {"backbone": "test_efficientnet"}, "epochs": {"epochs": 2}, "batch_size": {"batch_size": 4},
                "learning_rate": {"learning_rate": 2e-3}, "seed": {"seed": 1},
                "pretrained": {"pretrained": True, "weights": weights[0]},
                "weights": {"pretrained": True, "weights": weights[1]}, "dataset": {"dataset": own_val["uri"]}}[setting]
     if setting == "weights":  # against the first weights file, not the base settings
         _train(no_val, tmp_path / "w1.pt", pretrained=True, weights=weights[0])
+        caplog.clear()
     before = checkpoint_dirs(identity_store)
     with caplog.at_level(logging.WARNING, logger="pneumonia_kfp.training"):
         _train(no_val, tmp_path / "m.pt", **changed)
