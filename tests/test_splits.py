@@ -113,6 +113,9 @@ def test_grouped_holdout_fraction_and_too_few_patients():
     with pytest.raises(DataError, match="too few patients \\(9\\) to hold out 10% of them"):
         grouped_holdout(labels[:9], groups[:9], 0.1, seed=0)
     assert grouped_holdout(labels[:20], groups[:20], 0.1, seed=0).sum() == 2  # 10 folds of 20 patients
+    # exactly as many patients as folds: allowed, one patient held out
+    held = grouped_holdout([0, 0, 0, 0], ["a", "a", "b", "b"], 0.5, seed=0)
+    assert held.tolist() in ([True, True, False, False], [False, False, True, True])
 
 
 def test_groups_of_falls_back_to_the_path():
