@@ -105,12 +105,12 @@ def _train(ds, path, **settings):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """ImageNet-shaped weights saved here (nothing can be downloaded): two different files."""
+    """ImageNet-shaped weights saved here (nothing can be downloaded): three different files."""
     import timm
 
     out = tmp_path_factory.mktemp("weights")
     files = []
-    for seed in (1, 2):
+    for seed in (1, 2, 3):
         torch.manual_seed(seed)
         torch.save(timm.create_model(TINY, pretrained=False).state_dict(), out / f"w{seed}.pth")
         files.append(str(out / f"w{seed}.pth"))
@@ -143,9 +143,9 @@ def test_every_training_setting_changes_the_resume_identity(setting, no_val, own
     changed = {"backbone": {"backbone": "test_efficientnet"}, "epochs": {"epochs": 2}, "batch_size": {"batch_size": 4},
                "learning_rate": {"learning_rate": 2e-3}, "seed": {"seed": 1},
                "pretrained": {"pretrained": True, "weights": weights[0]},
-               "weights": {"pretrained": True, "weights": weights[1]}, "dataset": {"dataset": own_val["uri"]}}[setting]
-    if setting == "weights":  # against the first weights file, not the base settings
-        _train(no_val, tmp_path / "w1.pt", pretrained=True, weights=weights[0])
+               "weights": {"pretrained": True, "weights": weights[2]}, "dataset": {"dataset": own_val["uri"]}}[setting]
+    if setting == "weights":  # against another weights file, not the base settings (any test order)
+        _train(no_val, tmp_path / "w1.pt", pretrained=True, weights=weights[1])
         caplog.clear()
     before = checkpoint_dirs(identity_store)
     with caplog.at_level(logging.WARNING, logger="pneumonia_kfp.training"):
