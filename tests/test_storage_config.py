@@ -27,6 +27,7 @@ class S3Endpoint(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", free_port()), _Handler)
         self.daemon_threads = True
         self.status, self.code, self.message, self.requests = status, code, message, []
+        self.only = None  # answer the error only to these methods (others: 200)
 
     @property
     def address(self) -> str:
@@ -41,10 +42,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         s = self.server
         s.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization", "")})
-        body = b"" if s.code is None else ERROR.format(code=s.code, message=s.message, path=self.path).encode()
-        if s.code is None and "location" in self.path:  # GetBucketLocation
+        failing = s.code is not None and (s.only is None or self.command in s.only)
+        body = ERROR.format(code=s.code, message=s.message, path=self.path).encode() if failing else b""
+        if not failing and "location" in self.path:  # GetBucketLocation
             body = b'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">us-east-1</LocationConstraint>'
-        self.send_response(s.status)
+        self.send_response(s.status if failing else 200)
         self.send_header("Content-Type", "application/xml")
         self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
         self.send_header("Content-Length", str(len(body)))
@@ -129,6 +131,27 @@ def test_server_errors_are_retried_up_to_minio_retries(endpoint, retries):
     with pytest.raises(StorageError, match=server.address):
         open_store("s3://bucket/prefix").get_bytes("k")
     assert len(server.requests) == 1 + int(retries)
+
+
+@pytest.mark.parametrize("status, code, requests", [(500, "InternalError", 2), (502, "BadGateway", 2),
+                                                   (504, "GatewayTimeout", 2), (501, "NotImplemented", 1),
+                                                   (400, "BadRequest", 1)])
+def test_only_transient_server_errors_are_retried(endpoint, status, code, requests):
+    server = endpoint(status, code, retries="1")
+    with pytest.raises(StorageError, match=server.address):
+        open_store("s3://bucket/prefix").get_bytes("k")
+    assert len(server.requests) == requests
+
+
+def test_multipart_uploads_retry_their_posts(endpoint, tmp_path):
+    """A file over minio's 5 MiB part size starts a multipart upload with a POST: retried like the rest."""
+    server = endpoint(503, "SlowDown", retries="2")
+    server.only = {"POST"}
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (6 * 1024 * 1024))
+    with pytest.raises(StorageError, match=server.address):
+        open_store("s3://bucket/prefix").put_file("big.bin", big)
+    assert [r["method"] for r in server.requests] == ["HEAD", "POST", "POST", "POST"]
 
 
 def test_region_signs_requests_without_asking_the_server(endpoint):
