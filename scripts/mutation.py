@@ -176,6 +176,25 @@ def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | N
             "seconds": round(time.monotonic() - start), "mutants": mutants}
 
 
+def collect_module(name: str, m: Module) -> dict:
+    """The module's last results as they stand in its workspace, without running anything."""
+    ws = WORK / name
+    module = m.source[:-3].replace("/", ".")
+    meta = ws / "mutants" / (m.source + ".meta")
+    if not meta.is_file():
+        raise SystemExit(f"mutation: no results for {name} in {ws}: run it first")
+    mutants = []
+    for key, code in sorted(_selected(json.loads(meta.read_text())["exit_code_by_key"], module, m).items(),
+                            key=lambda kv: _natural(kv[0])):
+        entry = {"name": key, "status": status_of(code)}
+        if entry["status"] != "killed":
+            entry["diff"] = diff(ws, key)
+        mutants.append(entry)
+    tests = [t for t in m.tests if (ws / t.split("::")[0]).is_file() and (ws / t.split("::")[0]).stat().st_size]
+    return {"module": name, "source": m.source, "functions": m.functions, "tests": tests, "seconds": 0,
+            "mutants": mutants}
+
+
 def status_of(code) -> str:
     """mutmut's exit codes: 1/3 a test failed (killed), 0 all passed (survived), 33/5 no test calls it."""
     if code in (1, 3):
@@ -227,11 +246,12 @@ def counts(r: dict) -> dict:
     c = {"mutants": len(mu), "killed": sum(m["status"] == "killed" for m in mu),
          "timeout": sum(m["status"] == "timeout" for m in mu),
          "equivalent": sum("equivalent" in m for m in mu)}
-    c["survived"] = c["mutants"] - c["killed"] - c["timeout"]
+    c["not run"] = sum(m["status"] == "not checked" for m in mu)
+    c["survived"] = c["mutants"] - c["killed"] - c["timeout"] - c["not run"]
     c["unexplained"] = c["survived"] - c["equivalent"]
-    detected, judged = c["killed"] + c["timeout"], c["mutants"] - c["equivalent"]
+    detected, judged = c["killed"] + c["timeout"], c["mutants"] - c["equivalent"] - c["not run"]
     c["score"] = round(100 * detected / judged, 1) if judged else 100.0
-    c["raw_score"] = round(100 * detected / c["mutants"], 1) if c["mutants"] else 100.0
+    c["raw_score"] = round(100 * detected / (c["mutants"] - c["not run"]), 1) if c["mutants"] > c["not run"] else 100.0
     return c
 
 
@@ -239,22 +259,22 @@ def markdown(results: list[dict], jobs: int) -> str:
     lines = ["# Mutation testing summary", "",
              f"Last run: `make mutation` (mutmut, {jobs} worker(s)), {time.strftime('%Y-%m-%d')}. Regenerate with "
              "`make mutation`; survivors are explained in `docs/mutation-equivalent.toml`.", "",
-             "Score = (killed + timeout) / (mutants − equivalent); raw = (killed + timeout) / mutants.", "",
+             "Score = (killed + timeout) / (mutants − equivalent − not run); raw = (killed + timeout) / "
+             "(mutants − not run). *Not run*: mutants the last run did not reach (interrupted).", "",
              "| module | functions mutated | mutants | killed | timeout | survived | equivalent | unexplained "
-             "| score | raw | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    total = {"mutants": 0, "killed": 0, "timeout": 0, "survived": 0, "equivalent": 0, "unexplained": 0}
+             "| not run | score | raw |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = ("mutants", "killed", "timeout", "survived", "equivalent", "unexplained", "not run")
+    total = dict.fromkeys(keys, 0)
     for r in results:
         c = counts(r)
         for k in total:
             total[k] += c[k]
         fns = ", ".join(f.removeprefix("x_").replace("xǁ", "").replace("ǁ", ".") for f in r["functions"])
-        lines.append(f"| {r['module']} | {fns} | {c['mutants']} | {c['killed']} | {c['timeout']} | {c['survived']} "
-                     f"| {c['equivalent']} | {c['unexplained']} | {c['score']} % | {c['raw_score']} % "
-                     f"| {r['seconds']} s |")
-    judged = total["mutants"] - total["equivalent"]
+        lines.append(f"| {r['module']} | {fns} | " + " | ".join(str(c[k]) for k in keys)
+                     + f" | {c['score']} % | {c['raw_score']} % |")
+    judged = total["mutants"] - total["equivalent"] - total["not run"]
     score = round(100 * (total["killed"] + total["timeout"]) / judged, 1) if judged else 100.0
-    lines.append(f"| **all** | | {total['mutants']} | {total['killed']} | {total['timeout']} | {total['survived']} "
-                 f"| {total['equivalent']} | {total['unexplained']} | {score} % | | |")
+    lines.append("| **all** | | " + " | ".join(str(total[k]) for k in keys) + f" | {score} % | |")
     lines += ["", "## Tests mapped to each module", ""]
     lines += [f"- **{r['module']}** (`{r['source']}`): " + ", ".join(f"`{t}`" for t in r["tests"]) for r in results]
     lines += ["", "## Surviving mutants", ""]
@@ -281,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retest", action="store_true", help="with --incremental: re-test survivors too (tests changed)")
     p.add_argument("--tests-from", metavar="REV", help="the tests as committed at git REV (a 'before' run)")
     p.add_argument("--results", type=Path, default=WORK / "results.json", help="where the JSON results go")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: gather each module's last results from build/mutation/<module>/")
     p.add_argument("--resummarize", action="store_true",
                    help="only rewrite the summary from build/mutation/results.json (after editing the equivalents)")
     args = p.parse_args(argv)
@@ -294,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
         results = []
         for name in names:
+            if args.collect:
+                results.append(collect_module(name, MODULES[name]))
+                continue
             print(f"mutation: {name} ...", flush=True)
             r = run_module(name, MODULES[name], args.jobs, not args.incremental, args.tests_from, args.retest)
             results.append(r)
