@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia_kfp.data import ImageFile
+from pneumonia_kfp.data import DataError, ImageFile
 from pneumonia_kfp.validation import check_file, check_leakage, inside, load_image, patients_in_both
 
 
@@ -73,15 +73,31 @@ def test_16_bit_is_scaled_from_its_own_range(tmp_path):
     assert sorted(set(px.ravel().tolist())) == [0, 25, 50, 255]
 
 
+def test_big_endian_16_bit_is_scaled_too(tmp_path):
+    values = np.array([[1000, 2028], [3000, 11200]], dtype=">u2")  # a TIFF keeps big-endian: mode I;16B
+    Image.fromarray(np.kron(values, np.ones((4, 4), np.uint16)).astype(">u2")).save(tmp_path / "be.tif")
+    assert Image.open(tmp_path / "be.tif").mode == "I;16B"
+    px = load_image(tmp_path / "be.tif", 8)
+    expected = ((values.astype(float) - 1000) / 10200 * 255).astype(np.uint8)  # 0, 25 (25.7 cut), 49, 255
+    assert (px[::4, ::4] == expected).all()
+
+
+def test_a_16_bit_range_of_one_still_spans_black_to_white(tmp_path):
+    Image.fromarray(np.array([[500, 501]] * 2, np.uint16)).save(tmp_path / "one.png")
+    px = load_image(tmp_path / "one.png", 2)
+    assert (px[:, 0] == 0).all() and (px[:, 1] == 255).all()
+
+
 def test_flat_16_bit_image_does_not_divide_by_zero(tmp_path):
     Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "flat.png")
     assert (load_image(tmp_path / "flat.png", 8) == 0).all()
 
 
-def test_32_bit_integer_images(tmp_path):
+def test_32_bit_integer_images_are_scaled_not_clipped(tmp_path):
     a = np.zeros((8, 8), np.int32)
-    a[:, 4:] = 70000  # beyond 16 bit
+    a[:, 4:] = 100  # scaled from its own range: 100 is the maximum, white (clipping would leave 100)
     Image.fromarray(a, "I").save(tmp_path / "i32.tif")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
     px = load_image(tmp_path / "i32.tif", 8)
     assert (px[:, :4] == 0).all() and (px[:, 4:] == 255).all()
 
@@ -128,8 +144,17 @@ def test_leakage_names_every_pair_and_ignores_duplicates_within_a_split(tmp_path
     check_leakage(files[:2], ["train", "train"], ["same", "same"])  # the same split: not leakage
     with pytest.raises(Exception, match=r"\(1 cases: train/A/1.png = test/A/3.png\)"):
         check_leakage([files[0], files[2]], ["train", "test"], ["h", "h"])
-    with pytest.raises(Exception, match="2 cases"):
+    with pytest.raises(DataError) as e:
         check_leakage(files, ["train", "train", "test", "val"], ["h1", "h2", "h1", "h2"])
+    assert str(e.value) == ("the same image is in more than one split (2 cases: train/A/1.png = test/A/3.png; "
+                            "train/A/2.png = val/B/4.png): remove the duplicates so test images are never trained on")
+
+
+def test_leakage_message_shows_five_cases(tmp_path):
+    files = [_file(tmp_path, f"{split}/A/{i}.png") for i in range(7) for split in ("train", "test")]
+    with pytest.raises(DataError) as e:
+        check_leakage(files, [f.split for f in files], [f.path.stem for f in files])
+    assert "(7 cases: " in str(e.value) and str(e.value).count(" = ") == 5 and "train/A/5.png" not in str(e.value)
 
 
 def test_patients_in_both_train_and_test():

@@ -72,10 +72,11 @@ def test_the_cli_flags(tmp_path, monkeypatch):
 def test_text_values_are_parsed_as_yaml():
     s = load(overrides=["train.tolerations=[{key: a, operator: Exists}]", "env={PUSHGATEWAY: 'pg:9091'}",
                         "train.node_selector={gpu: a100}", "ingest.cache=false", "train.retry_backoff_factor=1.5",
-                        "train.memory_limit=64Gi", "image_pull_secrets=[regcred]", " train.retries =3"],
+                        "train.memory_limit=64Gi", "image_pull_secrets=[regcred]", " train.retries =3",
+                        "env={JAVA_OPTS: '-Dx=1'}"],
              environ={})
     assert s.train.tolerations == [{"key": "a", "operator": "Exists"}]
-    assert s.env == {"PUSHGATEWAY": "pg:9091"} and s.train.node_selector == {"gpu": "a100"}
+    assert s.env == {"JAVA_OPTS": "-Dx=1"} and s.train.node_selector == {"gpu": "a100"}
     assert s.ingest.cache is False and s.train.retry_backoff_factor == 1.5 and s.train.memory_limit == "64Gi"
     assert s.image_pull_secrets == ["regcred"] and s.train.retries == 3
 

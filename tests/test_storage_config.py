@@ -28,6 +28,7 @@ class S3Endpoint(ThreadingHTTPServer):
         self.daemon_threads = True
         self.status, self.code, self.message, self.requests = status, code, message, []
         self.only = None  # answer the error only to these methods (others: 200)
+        self.by_method = {}  # method -> (status, code) instead
 
     @property
     def address(self) -> str:
@@ -42,11 +43,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         s = self.server
         s.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization", "")})
-        failing = s.code is not None and (s.only is None or self.command in s.only)
-        body = ERROR.format(code=s.code, message=s.message, path=self.path).encode() if failing else b""
+        status, code = s.by_method.get(self.command, (s.status, s.code))
+        failing = code is not None and (s.only is None or self.command in s.only)
+        body = ERROR.format(code=code, message=s.message, path=self.path).encode() if failing else b""
         if not failing and "location" in self.path:  # GetBucketLocation
             body = b'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">us-east-1</LocationConstraint>'
-        self.send_response(s.status if failing else 200)
+        self.send_response(status if failing or status == 404 else 200)
         self.send_header("Content-Type", "application/xml")
         self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
         self.send_header("Content-Length", str(len(body)))
@@ -94,10 +96,25 @@ def test_non_404_errors_are_errors_naming_code_and_endpoint(endpoint, code, stat
 
 
 def test_access_denied_on_exists_is_an_error_not_missing(endpoint):
-    endpoint(403, "AccessDenied")
+    server = endpoint(403, "AccessDenied")
     with pytest.raises(StorageError, match="AccessDenied") as e:
         open_store("s3://bucket/prefix").exists("manifest.json")  # a HEAD: the status alone says it
     assert e.value.code == "AccessDenied"
+    assert str(e.value).startswith(f"stat s3://bucket/prefix/manifest.json: S3 error AccessDenied from "
+                                   f"http://{server.address}: ")
+
+
+def test_errors_checking_or_creating_the_bucket_name_the_step(endpoint):
+    server = endpoint(403, "AccessDenied", message="Access Denied.")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/prefix").put_bytes("a", b"1")
+    # a HEAD answer has no body: minio words the message itself
+    assert str(e.value) == f"check bucket bucket: S3 error AccessDenied from http://{server.address}: Access denied"
+    server.by_method = {"HEAD": (404, "NoSuchBucket"), "PUT": (403, "AccessDenied")}  # missing, and not ours to make
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/prefix").put_bytes("a", b"1")
+    assert str(e.value) == f"create bucket bucket: S3 error AccessDenied from http://{server.address}: Access Denied."
+    assert [r["method"] for r in server.requests[-2:]] == ["HEAD", "PUT"] and server.requests[-1]["path"] == "/bucket"
 
 
 @pytest.mark.parametrize("code", ["NoSuchKey", "NoSuchBucket"])
@@ -198,6 +215,17 @@ def test_an_endpoint_without_a_host_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("MINIO_ENDPOINT", value)
     with pytest.raises(StorageError, match="is not host:port or http\\(s\\)://host:port"):
         open_store("s3://bucket/x")
+
+
+def test_unreachable_endpoint_message(monkeypatch):
+    port = free_port()  # nothing listens
+    monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{port}")
+    monkeypatch.setenv("MINIO_RETRIES", "0")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/p").get_bytes("k")
+    assert str(e.value) == (f"read s3://bucket/p/k: S3 endpoint http://127.0.0.1:{port} is unreachable "
+                            "(MaxRetryError). Check MINIO_ENDPOINT and that the server is running.")
+    assert e.value.code is None
 
 
 def test_default_endpoint_is_local_minio(monkeypatch):
