@@ -139,7 +139,8 @@ def _selected(codes: dict, module: str, m: Module) -> dict:
     return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
-def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | None, retest: bool) -> dict:
+def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | None, retest: bool,
+               match: str = "*") -> dict:
     ws, tests = workspace(name, m, fresh, tests_from)
     module = m.source[:-3].replace("/", ".")
     meta = ws / "mutants" / (m.source + ".meta")
@@ -147,7 +148,7 @@ def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | N
     if not fresh and meta.is_file():  # incremental: a killed mutant stays killed (mutmut re-tests changed functions)
         cached = _selected(json.loads(meta.read_text())["exit_code_by_key"], module, m)
         again = ("not checked",) + (("survived", "no tests") if retest else ())
-        names = [k for k, v in cached.items() if status_of(v) in again]
+        names = [k for k, v in cached.items() if status_of(v) in again and fnmatch.fnmatchcase(k, match)]
         if not names:
             print(f"mutation: {name}: nothing to re-test", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--incremental", action="store_true",
                    help="keep build/mutation/<module>: re-test only mutants not killed last time (and changed code)")
     p.add_argument("--retest", action="store_true", help="with --incremental: re-test survivors too (tests changed)")
+    p.add_argument("--match", default="*", help="with --incremental: only mutants whose name matches this glob")
     p.add_argument("--tests-from", metavar="REV", help="the tests as committed at git REV (a 'before' run)")
     p.add_argument("--results", type=Path, default=WORK / "results.json", help="where the JSON results go")
     p.add_argument("--collect", action="store_true",
@@ -329,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(collect_module(name, MODULES[name]))
                 continue
             print(f"mutation: {name} ...", flush=True)
-            r = run_module(name, MODULES[name], args.jobs, not args.incremental, args.tests_from, args.retest)
+            r = run_module(name, MODULES[name], args.jobs, not args.incremental, args.tests_from, args.retest,
+                           args.match)
             results.append(r)
             c = counts(r)
             print(f"mutation: {name}: {c['mutants']} mutants, {c['killed']} killed, {c['timeout']} timeout, "

@@ -166,3 +166,12 @@ def test_compile_model_trains_through_torch_compile(no_val, tmp_path):
     assert np.isfinite(meta["history"][0]["train_loss"])
     model, _ = load_checkpoint(tmp_path / "c.pt")  # a plain (uncompiled) model's weights were saved
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_resume_state_lives_beside_the_dataset_versions_even_under_a_datasets_folder(tmp_path):
+    root = make_synthetic(tmp_path / "d", {"train": 20, "test": 2}, size=32)
+    storage = tmp_path / "datasets" / "store"  # the storage root's own path holds "/datasets/"
+    info = ingest(str(root), storage.as_uri(), image_size=32)
+    train(info["uri"], TINY, str(tmp_path / "m.pt"), epochs=1, batch_size=8)
+    assert len(list((storage / "checkpoints").glob("*/last.pt"))) == 1
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["store"]  # nothing outside the store
