@@ -29,6 +29,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
+SUFFIX = ""  # --workspace-suffix: a second workspace per module (e.g. an "after" run beside a "before")
 WORK = ROOT / "build" / "mutation"
 EQUIVALENT = ROOT / "docs" / "mutation-equivalent.toml"
 SUMMARY = ROOT / "docs" / "mutation-summary.md"
@@ -105,7 +106,7 @@ def _tests_at(rev: str, dst: Path) -> None:
 
 def workspace(name: str, m: Module, fresh: bool, tests_from: str | None) -> tuple[Path, list[str]]:
     """The module's flat copy of the project, with its mutmut and pytest configuration."""
-    ws = WORK / name
+    ws = WORK / (name + SUFFIX)
     if fresh:
         shutil.rmtree(ws, ignore_errors=True)
     shutil.rmtree(ws / "tests", ignore_errors=True)
@@ -179,7 +180,7 @@ def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | N
 
 def collect_module(name: str, m: Module) -> dict:
     """The module's last results as they stand in its workspace, without running anything."""
-    ws = WORK / name
+    ws = WORK / (name + SUFFIX)
     module = m.source[:-3].replace("/", ".")
     meta = ws / "mutants" / (m.source + ".meta")
     if not meta.is_file():
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--incremental", action="store_true",
                    help="keep build/mutation/<module>: re-test only mutants not killed last time (and changed code)")
     p.add_argument("--retest", action="store_true", help="with --incremental: re-test survivors too (tests changed)")
+    p.add_argument("--workspace-suffix", default="", help="use build/mutation/<module><SUFFIX>/")
     p.add_argument("--match", default="*", help="with --incremental: only mutants whose name matches this glob")
     p.add_argument("--tests-from", metavar="REV", help="the tests as committed at git REV (a 'before' run)")
     p.add_argument("--results", type=Path, default=WORK / "results.json", help="where the JSON results go")
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resummarize", action="store_true",
                    help="only rewrite the summary from build/mutation/results.json (after editing the equivalents)")
     args = p.parse_args(argv)
+    global SUFFIX
+    SUFFIX = args.workspace_suffix
     results_file = args.results
     if args.resummarize:
         results = json.loads(results_file.read_text())
