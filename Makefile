@@ -11,7 +11,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup system-packages run test lint compile image lock clean
+.PHONY: setup system-packages run test lint mutation compile image lock clean
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: setup system-packages
 
 lint: setup
 	$(BIN)/ruff check .
+
+# mutation testing of the decision modules (mutmut), not part of `make test`: each module against the
+# tests mapped to it in scripts/mutation.py; writes docs/mutation-summary.md. MODULES=metrics,storage for some.
+MUTATION_JOBS ?= 2
+mutation: setup
+	$(BIN)/python scripts/mutation.py --jobs $(MUTATION_JOBS) $(if $(MODULES),--only $(MODULES))
 
 compile: setup
 	$(BIN)/pneumonia-kfp compile -o pipeline.yaml $(if $(IMAGE),--image $(IMAGE))

@@ -1,0 +1,185 @@
+"""The decisions in metrics and report, pinned by numbers the tests work out themselves.
+
+Each expected value comes from first principles (counting) or straight from scikit-learn on the
+same inputs, never from the function under test.
+"""
+import copy
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from pneumonia_kfp.metrics import bootstrap_ci, choose_threshold, classification_report, roc_points
+from pneumonia_kfp.report import BEST_RULE, combine, markdown
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+def youden_threshold(y, prob) -> float:
+    """Youden's J straight from scikit-learn's ROC: the threshold where tpr - fpr is largest."""
+    fpr, tpr, thresholds = roc_curve(y, prob)
+    return float(min(thresholds[int(np.argmax(tpr - fpr))], 1.0))
+
+
+def counts(y, prob, threshold):
+    """(TN, FP, FN, TP) with 'positive' meaning prob >= threshold, counted by hand."""
+    y, pred = np.asarray(y), np.asarray(prob) >= threshold
+    return (int(((y == 0) & ~pred).sum()), int(((y == 0) & pred).sum()),
+            int(((y == 1) & ~pred).sum()), int(((y == 1) & pred).sum()))
+
+
+def test_threshold_is_youdens_j_from_the_roc_curve():
+    rng = np.random.default_rng(7)
+    y = np.r_[np.zeros(60, int), np.ones(40, int)]
+    prob = np.clip(np.r_[rng.normal(0.35, 0.15, 60), rng.normal(0.6, 0.15, 40)], 0, 1)
+    t = choose_threshold(y, prob)
+    assert t == pytest.approx(youden_threshold(y, prob))
+    assert t != 0.5 and t in prob  # a real operating point of the data, not a default
+
+
+def test_threshold_picks_the_best_j_on_a_hand_made_example():
+    # negatives .1 .2 .4 .5, positives .3 .6 .7: J (tpr - fpr) is 2/3 at .6 (2 of 3 positives, no
+    # negative), 1 - 2/4 at .3, 2/3 - 1/4 at .5: the best operating point is .6
+    y = [0, 0, 1, 0, 0, 1, 1]
+    prob = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert choose_threshold(y, prob) == pytest.approx(0.6)
+    # perfectly separable: the lowest positive score separates them
+    assert choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == pytest.approx(0.8)
+    # one class only: no ROC, the neutral 0.5
+    assert choose_threshold([1, 1, 1], [0.2, 0.4, 0.9]) == 0.5
+    assert choose_threshold([0, 0], [0.2, 0.4]) == 0.5
+
+
+def test_an_inverted_model_gets_the_never_positive_threshold_clipped_to_one():
+    # every positive scores below every negative: no threshold beats J = 0 of the ROC's first point,
+    # whose threshold is +inf; a probability threshold stays within [0, 1]
+    y, prob = [1, 0, 1, 0], [0.2, 0.8, 0.1, 0.9]
+    assert youden_threshold(y, prob) == 1.0
+    assert choose_threshold(y, prob) == 1.0
+
+
+def test_a_sample_exactly_at_the_threshold_is_positive():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    prob = np.array([0.1, 0.4, 0.4, 0.9, 0.39999, 0.40001])
+    r = classification_report(y, prob, 0.4, CLASSES)
+    # 0.4 is positive (>=): the negative at 0.4 is a false positive, the positive at 0.4 a true positive
+    assert r["confusion_matrix"] == [[2, 1], [0, 3]]
+    assert counts(y, prob, 0.4) == (2, 1, 0, 3)
+    assert r["recall"] == 1.0 and r["specificity"] == pytest.approx(2 / 3)
+    assert r["precision"] == pytest.approx(3 / 4) and r["accuracy"] == pytest.approx(5 / 6)
+    assert r["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 0))
+    assert r["auc"] == pytest.approx(roc_auc_score(y, prob))
+    assert r["n"] == 6 and r["labels"] == CLASSES
+
+
+def test_bootstrap_counts_a_sample_at_the_threshold_as_positive():
+    # every positive sits exactly on the threshold, every negative below: perfect at >=, useless at >
+    y = np.r_[np.zeros(30, int), np.ones(30, int)]
+    prob = np.r_[np.full(30, 0.2), np.full(30, 0.7)]
+    ci = bootstrap_ci(y, prob, 0.7, resamples=50)
+    assert ci["sensitivity"] == [1.0, 1.0] and ci["specificity"] == [1.0, 1.0]
+    assert ci["accuracy"] == [1.0, 1.0] and ci["f1"] == [1.0, 1.0] and ci["auc"] == [1.0, 1.0]
+    assert set(ci) == {"accuracy", "sensitivity", "specificity", "f1", "auc"}
+
+
+def test_bootstrap_intervals_match_a_hand_computed_resample():
+    """The same stratified resampling written out with numpy: the same percentiles."""
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(40, int), np.ones(25, int)]
+    prob = np.clip(np.r_[rng.normal(0.4, 0.2, 40), rng.normal(0.6, 0.2, 25)], 0, 1)
+    ci = bootstrap_ci(y, prob, 0.5, resamples=200, seed=11)
+    draw = np.random.default_rng(11)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    idx = np.concatenate([draw.choice(pos, (200, len(pos))), draw.choice(neg, (200, len(neg)))], axis=1)
+    acc, sens, spec, f1, auc = [], [], [], [], []
+    for row in idx:
+        tn, fp, fn, tp = counts(y[row], prob[row], 0.5)
+        acc.append((tp + tn) / len(row))
+        sens.append(tp / (tp + fn))
+        spec.append(tn / (tn + fp))
+        f1.append(2 * tp / (2 * tp + fp + fn))
+        auc.append(roc_auc_score(y[row], prob[row]))
+    for key, values in (("accuracy", acc), ("sensitivity", sens), ("specificity", spec), ("f1", f1), ("auc", auc)):
+        assert ci[key] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)]), key
+    assert bootstrap_ci(y[y == 1], prob[y == 1], 0.5) == {}  # one class: no interval
+
+
+def test_rates_without_a_class_are_zero_not_nan():
+    # a resample can lack predicted positives: precision/F1 undefined -> 0, not a crash or NaN
+    y = np.array([0, 0, 1, 1])
+    r = classification_report(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, CLASSES)
+    assert r["confusion_matrix"] == [[2, 0], [2, 0]]
+    assert r["f1"] == 0 and r["precision"] == 0 and r["recall"] == 0 and r["specificity"] == 1
+    one_class = classification_report(np.array([1, 1]), np.array([0.6, 0.7]), 0.5, CLASSES)
+    assert np.isnan(one_class["auc"]) and one_class["ci95"] == {} and one_class["specificity"] == 0
+    ci = bootstrap_ci(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, resamples=20)
+    assert ci["f1"] == [0.0, 0.0] and ci["sensitivity"] == [0.0, 0.0] and ci["specificity"] == [1.0, 1.0]
+
+
+def test_roc_points_keep_the_ends_and_clip_the_infinite_threshold():
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.5).astype(int)
+    prob = np.clip(0.3 * y + 0.7 * rng.random(3000), 0, 1)
+    fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=True)
+    full = roc_points(y, prob, max_points=10_000)
+    assert full["fpr"] == pytest.approx(fpr.tolist()) and full["tpr"] == pytest.approx(tpr.tolist())
+    assert full["thresholds"][0] == 1.0 and full["thresholds"][1:] == pytest.approx(thr[1:].tolist())
+    thin = roc_points(y, prob, max_points=7)
+    assert len(thin["fpr"]) == 7
+    assert (thin["fpr"][0], thin["tpr"][0]) == (0.0, 0.0) and (thin["fpr"][-1], thin["tpr"][-1]) == (1.0, 1.0)
+    keep = np.linspace(0, len(fpr) - 1, 7).round().astype(int)
+    assert thin["fpr"] == pytest.approx(fpr[keep].tolist())
+    exact = roc_points(y, prob, max_points=len(fpr))  # exactly at the limit: nothing dropped
+    assert len(exact["fpr"]) == len(fpr)
+
+
+# --- best model: validation decides, test plays no part ---------------------------------------------
+
+
+def _model(name: str, val_auc: float, val_f1: float, test_auc: float, test_f1: float) -> dict:
+    block = {"n": 20, "accuracy": 0.8, "precision": 0.8, "recall": 0.8, "specificity": 0.8, "confusion_matrix":
+             [[8, 2], [2, 8]], "labels": CLASSES, "ci95": {}}
+    return {"backbone": name, "image_size": 32, "epochs": 2, "pretrained": False, "threshold": 0.5,
+            "test": {**block, "auc": test_auc, "f1": test_f1}, "val": {**block, "auc": val_auc, "f1": val_f1},
+            "train": {"seconds": 1.0, "images_per_second": 10.0, "best_epoch": 1}}
+
+
+def best_by_hand(models: list[dict]) -> str:
+    """Highest validation AUC; among equal AUCs the highest validation F1 (written out, no max/key)."""
+    best = None
+    for m in models:
+        v = m["val"]
+        if best is None or v["auc"] > best["val"]["auc"] or (
+                v["auc"] == best["val"]["auc"] and v["f1"] > best["val"]["f1"]):
+            best = m
+    return best["backbone"]
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_best_model_follows_validation_when_test_disagrees(order):
+    models = [
+        _model("alpha", val_auc=0.91, val_f1=0.80, test_auc=0.70, test_f1=0.60),  # best on validation
+        _model("beta", val_auc=0.85, val_f1=0.90, test_auc=0.99, test_f1=0.97),  # best on test
+        _model("gamma", val_auc=0.60, val_f1=0.95, test_auc=0.95, test_f1=0.99),
+    ]
+    models = models[order:] + models[:order]  # the input order plays no part
+    results = combine({"uri": "file:///x", "counts": {}}, copy.deepcopy(models))
+    assert best_by_hand(models) == "alpha"
+    assert results["best"] == {"backbone": "alpha", "rule": BEST_RULE}
+    assert [m["backbone"] for m in results["models"]] == ["alpha", "beta", "gamma"]
+    assert "**Best model: alpha**" in markdown(results)
+
+
+def test_equal_validation_auc_goes_to_the_higher_validation_f1():
+    models = [
+        _model("first", val_auc=0.9, val_f1=0.70, test_auc=0.99, test_f1=0.99),
+        _model("second", val_auc=0.9, val_f1=0.75, test_auc=0.50, test_f1=0.40),
+        _model("third", val_auc=0.8, val_f1=0.99, test_auc=0.99, test_f1=0.99),
+    ]
+    assert best_by_hand(models) == "second"
+    assert combine({}, models)["best"]["backbone"] == "second"
+    assert combine({}, models[::-1])["best"]["backbone"] == "second"
+
+
+def test_no_models_means_no_best():
+    assert combine({"uri": "u"}, []) == {"dataset": {"uri": "u"}, "models": [], "best": None}
