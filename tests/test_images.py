@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia_kfp.data import DataError, ImageFile
-from pneumonia_kfp.validation import check_file, check_leakage, inside, load_image, patients_in_both
+from pneumonia_kfp.data import DataError, ImageFile, scan_image_folder
+from pneumonia_kfp.params import DEFAULT_MAX_PIXELS
+from pneumonia_kfp.validation import check_image, check_leakage, load_image, patients_in_both
 
 
 def _alpha_over_black(value: float, alpha: int) -> float:
@@ -115,28 +116,28 @@ def _file(root, rel):
     return ImageFile(rel.split("/")[0], rel.split("/")[1], root / rel, rel)
 
 
-def test_check_file_reasons_and_the_minimum_side(tmp_path):
-    (tmp_path / "train/A").mkdir(parents=True)
-    Image.new("L", (32, 40), 9).save(tmp_path / "train/A/ok.png")
-    Image.new("L", (31, 40), 9).save(tmp_path / "train/A/narrow.png")
-    image, why = check_file(_file(tmp_path, "train/A/ok.png"), tmp_path, 16)
+def test_check_image_reasons_and_the_minimum_side(tmp_path):
+    Image.new("L", (32, 40), 9).save(tmp_path / "ok.png")
+    Image.new("L", (31, 40), 9).save(tmp_path / "narrow.png")
+    ok, narrow = (tmp_path / "ok.png").read_bytes(), (tmp_path / "narrow.png").read_bytes()
+    image, why = check_image(ok, 16, DEFAULT_MAX_PIXELS)
     assert why is None and image.shape == (16, 16) and (image == 9).all()
-    assert check_file(_file(tmp_path, "train/A/narrow.png"), tmp_path, 16) == (
-        None, "too small: 31x40 px (minimum 32 px a side)")
-    assert check_file(_file(tmp_path, "train/A/narrow.png"), tmp_path, 16, min_side=31)[1] is None
+    assert check_image(narrow, 16, DEFAULT_MAX_PIXELS) == (None, "too small: 31x40 px (minimum 32 px a side)")
+    assert check_image(narrow, 16, DEFAULT_MAX_PIXELS, min_side=31)[1] is None
 
 
 def test_symlinks_inside_the_root_are_fine_outside_are_not(tmp_path):
     root = tmp_path / "root"
-    (root / "train/A").mkdir(parents=True)
-    Image.new("L", (40, 40), 50).save(root / "train/A/real.png")
+    for c in ("A", "B"):
+        (root / "train" / c).mkdir(parents=True)
+        Image.new("L", (40, 40), 50).save(root / "train" / c / "real.png")
     (root / "train/A/link.png").symlink_to(root / "train/A/real.png")
     Image.new("L", (40, 40), 50).save(tmp_path / "outside.png")
     (root / "train/A/out.png").symlink_to(tmp_path / "outside.png")
-    assert inside(root / "train/A/link.png", root) and inside(root, root)
-    assert not inside(root / "train/A/out.png", root) and not inside(tmp_path, root)
-    assert check_file(_file(root, "train/A/link.png"), root, 8)[1] is None
-    assert check_file(_file(root, "train/A/out.png"), root, 8) == (None, "symlink pointing outside the data root")
+    _, files = scan_image_folder(root)
+    problems = {f.relpath: f.problem for f in files}
+    assert problems["train/A/link.png"] is None and problems["train/A/real.png"] is None
+    assert problems["train/A/out.png"] == "symlink pointing outside the data root"
 
 
 def test_leakage_names_every_pair_and_ignores_duplicates_within_a_split(tmp_path):

@@ -9,11 +9,11 @@ from pneumonia_kfp.pipelines.settings import (
     Settings,
     SettingsError,
     add_arguments,
-    check_image,
     env_name,
     from_args,
     keys,
     load,
+    pinned_image,
 )
 
 IMAGE = "registry.example.com/pneumonia-kfp:1.2.3"
@@ -88,7 +88,7 @@ def test_environment_names():
     assert all_keys["train.accelerator_count"] is int and all_keys["ingest.cache"] is bool
     assert all_keys["minio.secret"] is str and all_keys["train.retry_backoff_factor"] is float
     assert "train" not in all_keys and "train.cpu_limit" in all_keys and "report.memory_limit" in all_keys
-    assert len(all_keys) == 3 + 4 + 5 + 13 + 4 + 4  # top level, minio, ingest, train, evaluate, report
+    assert len(all_keys) == 4 + 5 + 5 + 13 + 4 + 4 + 4  # top level, minio, ingest, train, evaluate, report, start
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -102,7 +102,6 @@ def test_environment_names():
     ({"overrides": ["train.retries"]}, "--set 'train.retries': expected KEY=VALUE"),
     ({"environ": {"PNEUMONIA_KFP_TRAIN_RETRIES": "many"}}, "PNEUMONIA_KFP_TRAIN_RETRIES='many': expected int"),
     ({"overrides": ["image=registry.example.com/x:latest"]}, "pin the image with a tag or digest"),
-    ({"overrides": ["image=registry.example.com:5000/x"]}, "image='registry.example.com:5000/x': pin the image"),
 ])
 def test_bad_values_name_their_key(kwargs, message):
     with pytest.raises(SettingsError) as e:
@@ -137,11 +136,18 @@ def test_empty_file_is_the_defaults(tmp_path):
 
 @pytest.mark.parametrize("image", ["registry.example.com/x:1.0", "x@sha256:" + "a" * 64, "localhost:5000/x:2",
                                    "r.io/team/x:latest-but-pinned"])
-def test_pinned_images_pass(image):
-    check_image(image)
+def test_pinned_images_pass_unchanged(image):
+    assert pinned_image(image) == image
 
 
-@pytest.mark.parametrize("image", ["", "x", "r.io/x:latest", "localhost:5000/x", "r.io/team/x"])
-def test_unpinned_images_fail(image):
+@pytest.mark.parametrize("image", ["localhost:5000/x", "r.io/team/x"])
+def test_untagged_images_get_this_checkouts_tag(image):
+    from pneumonia_kfp.components.kfp_defaults import IMAGE_TAG
+
+    assert pinned_image(image) == f"{image}:{IMAGE_TAG}"
+
+
+@pytest.mark.parametrize("image", ["", "r.io/x:latest", "r.io/x:"])
+def test_latest_or_empty_images_fail(image):
     with pytest.raises(SettingsError, match="pin the image"):
-        check_image(image)
+        pinned_image(image)
