@@ -4,6 +4,7 @@ the torch.export and ONNX forms against their checkpoint."""
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -104,7 +105,11 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
             "from pneumonia_kfp.training import train;"
             f"train({uri!r}, 'resnet18', {str(tmp_path / 'r.pt')!r}, epochs=3, batch_size=16, seed=0)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the same CPU thread count as the run compared with (an in-process run-local earlier in the session
+    # may have set OMP_NUM_THREADS=1): a different count changes float reduction order, hence the last digits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     for line in proc.stdout:
         if "resnet18 epoch 2/3" in line:  # logged once epoch 2's state is in the store
             proc.kill()
@@ -112,7 +117,7 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "r.pt").exists()
 
-    rerun = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rerun = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "resuming after epoch 2" in rerun.stdout and "epoch 1/3" not in rerun.stdout
     _, resumed = load_checkpoint(tmp_path / "r.pt")
     first = trained["resnet18"][1]
