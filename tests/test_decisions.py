@@ -139,9 +139,14 @@ def test_roc_points_keep_the_ends_and_clip_the_infinite_threshold():
 def _model(name: str, val_auc: float, val_f1: float, test_auc: float, test_f1: float) -> dict:
     block = {"n": 20, "accuracy": 0.8, "precision": 0.8, "recall": 0.8, "specificity": 0.8, "confusion_matrix":
              [[8, 2], [2, 8]], "labels": CLASSES, "ci95": {}}
+    # per-image predictions the report's ensemble averages: the same uninformative 0.5 for every image, so
+    # the ensemble's validation AUC is 0.5 and it never outranks the models under test
+    same = {"file": [f"{i}.png" for i in range(8)], "patient": [None] * 8, "label": [0, 1] * 4, "prob": [0.5] * 8}
     return {"backbone": name, "image_size": 32, "epochs": 2, "pretrained": False, "threshold": 0.5,
-            "test": {**block, "auc": test_auc, "f1": test_f1}, "val": {**block, "auc": val_auc, "f1": val_f1},
-            "train": {"seconds": 1.0, "images_per_second": 10.0, "best_epoch": 1}}
+            "threshold_rule": "balanced", "test": {**block, "auc": test_auc, "f1": test_f1},
+            "val": {**block, "auc": val_auc, "f1": val_f1},
+            "train": {"seconds": 1.0, "images_per_second": 10.0, "best_epoch": 1},
+            "predictions": {"val": dict(same), "test": dict(same)}}
 
 
 def best_by_hand(models: list[dict]) -> str:
@@ -166,7 +171,7 @@ def test_best_model_follows_validation_when_test_disagrees(order):
     results = combine({"uri": "file:///x", "counts": {}}, copy.deepcopy(models))
     assert best_by_hand(models) == "alpha"
     assert results["best"] == {"backbone": "alpha", "rule": BEST_RULE}
-    assert [m["backbone"] for m in results["models"]] == ["alpha", "beta", "gamma"]
+    assert [m["backbone"] for m in results["models"]] == ["alpha", "beta", "gamma", "ensemble"]
     assert "**Best model: alpha**" in markdown(results)
 
 
