@@ -227,6 +227,12 @@ def select(state: TrainingState, vx, vy, val_entries, classes, mean, std, thresh
     }
 
 
+def improves(row: dict, best: dict | None) -> bool:
+    """Whether an epoch beats the best so far: higher validation AUC; on equal AUC, lower validation loss
+    (an earlier epoch keeps its place on a full tie)."""
+    return best is None or (row["val_auc"], -row["val_loss"]) > (best["val_auc"], -best["val_loss"])
+
+
 def train(
     dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = default("epochs"),
     batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"),
@@ -284,7 +290,7 @@ def train(
         state.epoch = row["epoch"]
         telemetry.epoch_done(row, samples=row["images"])
         best = state.best
-        if best is None or (row["val_auc"], -row["val_loss"]) > (best["val_auc"], -best["val_loss"]):
+        if improves(row, best):
             state.best = {**row, "state": copy.deepcopy(state.eval_model.state_dict()),
                           "prob": torch.from_numpy(val["prob"])}
         resume.save(states, state.state_dict())
