@@ -110,6 +110,8 @@ def test_rates_without_a_class_are_zero_not_nan():
     r = classification_report(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, CLASSES)
     assert r["confusion_matrix"] == [[2, 0], [2, 0]]
     assert r["f1"] == 0 and r["precision"] == 0 and r["recall"] == 0 and r["specificity"] == 1
+    no_positives = classification_report(np.array([0, 0]), np.array([0.2, 0.7]), 0.5, CLASSES)
+    assert no_positives["recall"] == 0 and no_positives["precision"] == 0  # nothing to find: 0, not 1
     one_class = classification_report(np.array([1, 1]), np.array([0.6, 0.7]), 0.5, CLASSES)
     assert np.isnan(one_class["auc"]) and one_class["ci95"] == {} and one_class["specificity"] == 0
     ci = bootstrap_ci(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, resamples=20)
