@@ -56,7 +56,7 @@ def seed_img_s(data: str, size: int, batch: int, n: int, workers: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True, help="ImageFolder with train/ (e.g. ../shared/data/chest_xray_224)")
+    p.add_argument("--data", required=True, help="ImageFolder with train/ (e.g. chest_xray, the Kermany layout)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=2048)

@@ -103,7 +103,7 @@ def measure(a, cores: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True, help="ImageFolder (e.g. ../shared/data/chest_xray_224)")
+    p.add_argument("--data", required=True, help="ImageFolder (e.g. chest_xray, the Kermany layout)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--storage", help="store URI (default: a fresh temporary directory per run)")
     p.add_argument("--cores", default="1,2", help="core counts to measure, comma-separated (default: 1,2)")

@@ -38,7 +38,7 @@ def main():
     from pneumonia_kfp.training import to_device, training_batch
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True, help="ImageFolder (e.g. ../shared/data/chest_xray_224)")
+    p.add_argument("--data", required=True, help="ImageFolder (e.g. chest_xray, the Kermany layout)")
     p.add_argument("--backbones", default="resnet18")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
