@@ -250,19 +250,14 @@ class S3Store(Store):
             raise
 
     def get_bytes(self, key: str) -> bytes:
-        def fetch():
-            resp = self.client.get_object(self.bucket, self._key(key))
-            try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-
-        return self._call(f"read {self.uri_of(key)}", fetch)
+        return self._read(key)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self._read(key, offset=offset, length=length)
+
+    def _read(self, key: str, **window) -> bytes:
         def fetch():
-            resp = self.client.get_object(self.bucket, self._key(key), offset=offset, length=length)
+            resp = self.client.get_object(self.bucket, self._key(key), **window)
             try:
                 return resp.read()
             finally:
