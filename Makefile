@@ -13,7 +13,11 @@ IMAGE_SIZE ?= 64
 
 .PHONY: setup system-packages run test lint mutation compile image lock clean
 
+# torch's build alone is ~5.5 GB: say so up front instead of failing midway with ENOSPC
+SETUP_FREE_GB ?= 8
 $(BIN)/.installed: pyproject.toml $(LOCK)
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(SETUP_FREE_GB) ]; then \
+	  echo "make setup: $(VENV) needs about $(SETUP_FREE_GB) GB free on $$(pwd), only $$free GB left; free some space (or SETUP_FREE_GB=N to try anyway)" >&2; exit 2; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r $(LOCK) -e '.[dev]'

