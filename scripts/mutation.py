@@ -50,14 +50,14 @@ MODULES = {
     "metrics": Module(
         "pneumonia_kfp/metrics.py", ["x_*"],
         ["tests/test_metrics.py", "tests/test_decisions.py"]),
-    # train(): only the lines that decide (best epoch, threshold, validation split, resume identity);
+    # train() and select(): only the lines that decide (best epoch, threshold, validation split, resume identity);
     # the rest is the optimisation loop, which every training test runs anyway
     "training": Module(
-        "pneumonia_kfp/training.py", ["x_train_val_split", "x_train"],
+        "pneumonia_kfp/training.py", ["x_train_val_split", "x_train", "x_improves", "x_select"],
         ["tests/test_train_evaluate_report.py::test_small_val_is_a_patient_grouped_carve_out",
          "tests/test_splits.py", "tests/test_training_decisions.py"],
         skip=[r"^(?!.*(\bbest\b|threshold|val_auc|val_loss|\bheld\b|MIN_VAL|VAL_FRACTION|concatenate|"
-              r"\"(backbone|epochs|batch_size|learning_rate|seed|pretrained|weights)\": )).*$"]),
+              r"\"(backbone|epochs|batch_size|learning_rate|seed|pretrained|weights|recipe)\": )).*$"]),
     "report": Module(
         "pneumonia_kfp/report.py", ["x_best_model", "x_combine", "x_*ensemble*"],
         ["tests/test_decisions.py"]),

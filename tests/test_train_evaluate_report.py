@@ -111,7 +111,9 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(image_folder
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     for line in proc.stdout:
-        if "resnet18 epoch 2/3" in line:  # logged once epoch 2's state is in the store
+        # the end-of-epoch log line, written once epoch 2's state is in the store (the progress bar's
+        # "resnet18 epoch 2/3" is printed when epoch 2 starts)
+        if "resnet18 epoch 2/3" in line and "val_auc" in line:
             proc.kill()
             break
     proc.wait()
