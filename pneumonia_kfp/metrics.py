@@ -54,7 +54,8 @@ def auc(y_true, prob) -> float:
 
 
 def _rates(tn, fp, fn, tp) -> dict:
-    """Accuracy, sensitivity, specificity, F1 from confusion counts (arrays welcome)."""
+    """Accuracy, sensitivity, specificity, F1 from confusion counts (arrays welcome); 0/0 counts as 0."""
+    tn, fp, fn, tp = (np.asarray(v, dtype=float) for v in (tn, fp, fn, tp))  # plain ints would raise on 0/0
     with np.errstate(divide="ignore", invalid="ignore"):
         n = tn + fp + fn + tp
         return {

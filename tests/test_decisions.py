@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from pneumonia_kfp.metrics import bootstrap_ci, choose_threshold, classification_report, roc_points
+from pneumonia_kfp.metrics import (
+    bootstrap_ci,
+    choose_threshold,
+    classification_report,
+    rates_at,
+    roc_points,
+    sensitivity_threshold,
+)
 from pneumonia_kfp.report import BEST_RULE, combine, markdown
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -133,6 +140,77 @@ def test_roc_points_keep_the_ends_and_clip_the_infinite_threshold():
     assert thin["fpr"] == pytest.approx(fpr[keep].tolist())
     exact = roc_points(y, prob, max_points=len(fpr))  # exactly at the limit: nothing dropped
     assert len(exact["fpr"]) == len(fpr)
+
+
+def hand_rates(tn, fp, fn, tp) -> dict:
+    """The four rates from counts, a 0/0 counted as 0 (written out case by case)."""
+    n = tn + fp + fn + tp
+    return {"accuracy": (tp + tn) / n,
+            "sensitivity": tp / (tp + fn) if tp + fn else 0.0,
+            "specificity": tn / (tn + fp) if tn + fp else 0.0,
+            "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0}
+
+
+@pytest.mark.parametrize("y, prob", [
+    ([0, 0, 0, 1, 1], [0.1, 0.6, 0.7, 0.2, 0.8]),  # every count differs: TN 1, FP 2, FN 1, TP 1
+    ([0, 1, 1, 1, 1], [0.1, 0.6, 0.2, 0.1, 0.3]),  # false negatives outnumber 2 TP + FP
+    ([0, 0, 0, 0, 1], [0.9, 0.6, 0.7, 0.2, 0.8]),  # false positives outnumber 2 TP + FN
+    ([1], [0.9]),  # a single positive, found
+    ([0], [0.1]),  # a single negative, rejected
+    ([0, 0], [0.2, 0.7]),  # no positives: sensitivity 0/0
+    ([0, 0], [0.1, 0.2]),  # no positives, none predicted: sensitivity and F1 0/0
+    ([1, 1], [0.1, 0.2]),  # no negatives: specificity 0/0
+])
+def test_operating_point_rates_are_counted_and_zero_when_undefined(y, prob):
+    got = rates_at(y, prob, 0.5)
+    want = hand_rates(*counts(y, prob, 0.5))
+    assert got == pytest.approx(want) and all(isinstance(v, float) for v in got.values())
+
+
+def test_report_of_a_split_with_nothing_to_find_and_nothing_found_is_zero():
+    r = classification_report(np.array([0, 0]), np.array([0.1, 0.2]), 0.5, CLASSES)
+    assert r["confusion_matrix"] == [[2, 0], [0, 0]]
+    assert (r["f1"], r["precision"], r["recall"], r["specificity"], r["accuracy"]) == (0, 0, 0, 1, 1)
+
+
+def test_the_reports_interval_is_the_seeded_patient_bootstrap_of_that_split():
+    rng = np.random.default_rng(5)
+    y = np.r_[np.zeros(30, int), np.ones(30, int)]
+    prob = np.clip(np.r_[rng.normal(0.4, 0.2, 30), rng.normal(0.6, 0.2, 30)], 0, 1)
+    patients = [f"p{i // 3}" for i in range(60)]  # three images a patient
+    r = classification_report(y, prob, 0.5, CLASSES, ci_seed=4, groups=patients)
+    assert r["ci95"] == bootstrap_ci(y, prob, 0.5, seed=4, groups=patients)
+    assert r["ci95"] != bootstrap_ci(y, prob, 0.5, seed=4)  # patients, not images, were resampled
+    assert r["ci95"] != bootstrap_ci(y, prob, 0.5, seed=5, groups=patients)  # the seed given, not another
+    again = classification_report(y, prob, 0.5, CLASSES, ci_seed=4, groups=patients)
+    assert again["ci95"] == r["ci95"] and r["bootstrap"] == {"unit": "patient", "clusters": 20}
+    assert classification_report(y, prob, 0.5, CLASSES)["ci95"] == classification_report(y, prob, 0.5, CLASSES)["ci95"]
+
+
+def test_bootstrap_of_a_split_without_positives_has_no_interval():
+    assert bootstrap_ci(np.zeros(6, int), np.linspace(0, 1, 6), 0.5) == {}
+    assert bootstrap_ci(np.ones(6, int), np.linspace(0, 1, 6), 0.5) == {}
+
+
+def test_sensitivity_rule_stops_inside_a_run_of_positives():
+    # 20 positives above every negative: the ROC climbs straight up, and 19 of 20 (exactly 0.95) is
+    # reached at the 19th highest positive -- a point of that vertical run, not its top or bottom
+    positives = np.linspace(0.99, 0.80, 20)
+    y = np.r_[np.zeros(10, int), np.ones(20, int)]
+    prob = np.r_[np.linspace(0.1, 0.3, 10), positives]
+    t = sensitivity_threshold(y, prob)
+    assert t == pytest.approx(positives[18])
+    assert ((prob >= t) & (y == 1)).sum() == 19 and ((prob >= t) & (y == 0)).sum() == 0
+    # a target of 0 is met before any image is called positive: the ROC's +inf start, clipped to 1
+    assert sensitivity_threshold(y, prob, target=0.0) == 1.0
+
+
+def test_roc_points_default_to_at_most_200():
+    rng = np.random.default_rng(1)
+    y = (rng.random(5000) < 0.5).astype(int)
+    prob = np.clip(0.2 * y + 0.8 * rng.random(5000), 0, 1)
+    assert len(roc_curve(y, prob)[0]) > 200
+    assert len(roc_points(y, prob)["fpr"]) == 200
 
 
 # --- best model: validation decides, test plays no part ---------------------------------------------
