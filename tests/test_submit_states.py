@@ -102,3 +102,60 @@ def test_health_check_server_error(kfp_api, capsys):
     err = one_error_line(capsys)
     assert "is not a Kubeflow Pipelines API: GET /apis/v2beta1/healthz answered HTTP 503" in err
     assert len(kfp_api.requests) == 1
+
+
+def test_an_unauthorised_api_call_after_the_health_check_names_the_missing_token(kfp_api, capsys):
+    kfp_api.fail["POST /apis/v2beta1/runs"] = (401, {"error": "Unauthorized"})
+    assert submit(kfp_api, *S3) == 2
+    assert f"error: {kfp_api.url} refused the request (HTTP 401): no token was sent" in one_error_line(capsys)
+
+
+def test_an_api_error_whose_json_has_no_message_names_the_http_reason(kfp_api, capsys):
+    kfp_api.fail["POST /apis/v2beta1/runs"] = (500, {"code": 13})
+    assert submit(kfp_api, *S3) == 2
+    assert one_error_line(capsys).endswith("answered HTTP 500: Internal Server Error")
+
+
+def test_a_long_api_message_is_cut_to_300_characters(kfp_api, capsys):
+    kfp_api.fail["POST /apis/v2beta1/runs"] = (400, {"message": "x" * 400})
+    assert submit(kfp_api, *S3) == 2
+    assert one_error_line(capsys).endswith("answered HTTP 400: " + "x" * 300)
+
+
+def test_an_api_error_without_message_or_reason_says_nothing_more(kfp_api, capsys):
+    kfp_api.fail["POST /apis/v2beta1/runs"] = (599, "")  # no standard reason phrase: the status line has none
+    assert submit(kfp_api, *S3) == 2
+    assert one_error_line(capsys).endswith("answered HTTP 599:")
+
+
+def test_the_health_check_does_not_retry_a_dropped_connection(capsys):
+    """A host that accepts and hangs up at once: one connection, then one line (no silent retries)."""
+    import socket
+    import threading
+
+    from tests.conftest import free_port
+
+    port, accepted = free_port(), []
+    server = socket.create_server(("127.0.0.1", port))
+
+    def hang_up():
+        server.settimeout(0.2)
+        while True:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        assert main(["submit", "--host", f"http://127.0.0.1:{port}", *S3]) == 2
+        assert "cannot reach Kubeflow Pipelines" in one_error_line(capsys)
+    finally:
+        server.close()
+        thread.join(2)
+    assert len(accepted) == 1
