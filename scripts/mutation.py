@@ -78,12 +78,11 @@ MODULES = {
          "tests/test_storage_config.py"]),
     "resume": Module(
         "pneumonia_kfp/resume.py", ["x_*"],
+        # the module's own tests, none of which trains: train()'s use of the identity is the training module's
         ["tests/test_storage_config.py::test_missing_object_or_bucket_is_missing",
          "tests/test_storage_config.py::test_resume_does_not_mistake_access_denied_for_no_state",
-         "tests/test_training_decisions.py::test_the_same_settings_resume_the_same_state",
-         "tests/test_training_decisions.py::test_every_training_setting_changes_the_resume_identity",
-         "tests/test_training_decisions.py::"
-         "test_resume_state_lives_beside_the_dataset_versions_even_under_a_datasets_folder"]),
+         "tests/test_resume_and_evaluate_checks.py",
+         "tests/test_train_evaluate_report.py::test_resume_key_follows_the_code"]),
     "settings": Module(
         "pneumonia_kfp/pipelines/settings.py", ["x_load", "x__set", "x__convert", "x__flatten", "x_from_args"],
         ["tests/test_kubeflow_compile.py::test_settings_file_env_and_flags_layer_in_that_order",

@@ -1,5 +1,6 @@
 """Resume verifies last.pt before using it; evaluate refuses a test split without both classes."""
 import logging
+import re
 import shutil
 
 import pytest
@@ -41,6 +42,21 @@ def test_a_damaged_state_is_not_used_and_training_starts_over(states, damage, ca
     with caplog.at_level(logging.WARNING):
         assert resume.load(store, "cpu") is None
     assert "last.pt is damaged" in caplog.text and "training starts over" in caplog.text
+
+
+def test_the_state_store_is_keyed_by_every_part_of_the_identity(tmp_path):
+    """state_store's place: <storage>/checkpoints/<16 hex>, one key per (dataset, identity), whatever the
+    identity's order; the storage root's own path may hold "/datasets/" (only the last one splits)."""
+    root = (tmp_path / "datasets" / "store").as_uri()
+    base = {"backbone": "resnet18", "epochs": 3, "learning_rate": 1e-3}
+    uri = f"{root}/datasets/abc"
+    key = resume.state_store(uri, base).uri
+    assert re.fullmatch(re.escape(root) + r"/checkpoints/[0-9a-f]{16}", key), key
+    assert resume.state_store(uri, dict(reversed(base.items()))).uri == key  # order is not identity
+    others = [resume.state_store(f"{root}/datasets/abd", base).uri,
+              *(resume.state_store(uri, {**base, k: v}).uri for k, v in
+                (("backbone", "resnet50"), ("epochs", 4), ("learning_rate", 1e-4), ("seed", 1)))]
+    assert len({key, *others}) == 1 + len(others)
 
 
 def test_evaluate_refuses_a_one_class_test_split(image_folder, tmp_path, monkeypatch):
