@@ -109,9 +109,8 @@ def check_host(host: str, token: str | None, timeout: float = 10) -> None:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = http.request("GET", f"{host}/apis/v2beta1/healthz", headers=headers, redirect=False)
-    except urllib3.exceptions.HTTPError as e:
-        reason = getattr(e, "reason", None) or e
-        raise SubmitError(f"cannot reach Kubeflow Pipelines at {host} ({type(reason).__name__}); check --host, "
+    except urllib3.exceptions.HTTPError as e:  # retries=False: the cause itself, never a MaxRetryError wrapping it
+        raise SubmitError(f"cannot reach Kubeflow Pipelines at {host} ({type(e).__name__}); check --host, "
                           "e.g. http://localhost:8080 after kubectl port-forward svc/ml-pipeline-ui 8080:80") from None
     if r.status in (401, 403):
         raise SubmitError(_auth_failed(host, r.status, token))

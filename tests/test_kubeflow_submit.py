@@ -196,7 +196,9 @@ def test_missing_or_local_parameters(kfp_api, capsys, params, message):
 
 def test_unreachable_host(capsys):
     assert main(["submit", "--host", f"http://127.0.0.1:{free_port()}", *S3]) == 2
-    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:" in err and "(NewConnectionError)" in err  # the cause
+    assert "e.g. http://localhost:8080 after kubectl port-forward svc/ml-pipeline-ui 8080:80" in err
 
 
 def test_host_without_scheme(capsys):
@@ -212,7 +214,7 @@ def test_failed_authentication(kfp_api, capsys, token, message):
     kfp_api.token = TOKEN
     assert submit(kfp_api, *S3, *(["--token", token] if token else [])) == 2
     err = one_error_line(capsys)
-    assert message in err and TOKEN not in err and "wrong" not in err
+    assert f"error: {kfp_api.url} {message}" in err and TOKEN not in err and "wrong" not in err
     assert len(kfp_api.requests) == 1  # one health request, not kfp.Client's retries
 
 
@@ -223,10 +225,12 @@ def test_forbidden_namespace(kfp_api, capsys):
     assert "refused the request (HTTP 403)" in one_error_line(capsys)
 
 
-def test_login_redirect(kfp_api, capsys):
-    kfp_api.fail["GET /apis/v2beta1/healthz"] = (302, {})
+@pytest.mark.parametrize("status", [300, 302, 399])
+def test_login_redirect(kfp_api, capsys, status):
+    kfp_api.fail["GET /apis/v2beta1/healthz"] = (status, {})
     assert submit(kfp_api, *S3) == 2
-    assert "redirected the API request (HTTP 302, to a login page?)" in one_error_line(capsys)
+    assert one_error_line(capsys).endswith(f"redirected the API request (HTTP {status}, to a login page?): "
+                                           "authenticate with --token")
 
 
 def test_server_rejects_the_run(kfp_api, capsys):
@@ -235,10 +239,11 @@ def test_server_rejects_the_run(kfp_api, capsys):
     assert one_error_line(capsys).endswith("answered HTTP 400: Invalid input error: spec")
 
 
-def test_not_a_kfp_server(kfp_api, capsys):
-    kfp_api.fail["GET /apis/v2beta1/healthz"] = (404, {})
+@pytest.mark.parametrize("status", [400, 404])
+def test_not_a_kfp_server(kfp_api, capsys, status):
+    kfp_api.fail["GET /apis/v2beta1/healthz"] = (status, {})
     assert submit(kfp_api, *S3) == 2
-    assert "is not a Kubeflow Pipelines API" in one_error_line(capsys)
+    assert f"is not a Kubeflow Pipelines API: GET /apis/v2beta1/healthz answered HTTP {status}" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("namespace, storage", [
