@@ -245,9 +245,11 @@ def classify(results: list[dict]) -> None:
             line = mutated_line(mu.get("diff", ""))
             for e in entries:
                 if e["function"] == function and " ".join(e["line"].split()) == line:
-                    # kind "timing": a real difference only a stopwatch sees (the project allows no timed
-                    # asserts): explained, yet counted as surviving
-                    mu["equivalent" if e.get("kind", "equivalent") == "equivalent" else "explained"] = e["why"]
+                    # kind "timing" or "gpu": a real difference only a stopwatch (the project allows no timed
+                    # asserts) or a GPU sees: explained, yet counted as surviving
+                    kind = e.get("kind", "equivalent")
+                    mu["equivalent" if kind == "equivalent" else "explained"] = e["why"]
+                    mu["kind"] = kind
                     break
 
 
@@ -295,7 +297,7 @@ def markdown(results: list[dict], jobs: int) -> str:
         lines += [f"### {r['module']}", ""]
         for m in survivors:
             why = (f"equivalent: {m['equivalent']}" if "equivalent" in m else
-                   f"not killed, only timing differs: {m['explained']}" if "explained" in m else
+                   f"not killed ({m['kind']}): {m['explained']}" if "explained" in m else
                    f"**not explained** ({m['status']})")
             lines.append(f"- `{m['name'].rpartition('.')[2]}` — {why}")
             lines += ["  ```diff"] + [f"  {d}" for d in m.get("diff", "").splitlines()] + ["  ```"]

@@ -243,7 +243,8 @@ def test_server_rejects_the_run(kfp_api, capsys):
 def test_not_a_kfp_server(kfp_api, capsys, status):
     kfp_api.fail["GET /apis/v2beta1/healthz"] = (status, {})
     assert submit(kfp_api, *S3) == 2
-    assert f"is not a Kubeflow Pipelines API: GET /apis/v2beta1/healthz answered HTTP {status}" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    assert f"is not a Kubeflow Pipelines API: GET /apis/v2beta1/healthz answered HTTP {status}" in err
 
 
 @pytest.mark.parametrize("namespace, storage", [

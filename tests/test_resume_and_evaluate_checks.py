@@ -1,4 +1,6 @@
 """Resume verifies last.pt before using it; evaluate refuses a test split without both classes."""
+import hashlib
+import io
 import logging
 import re
 import shutil
@@ -27,21 +29,52 @@ def test_a_saved_state_loads_back(states):
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "old format"])
-def test_a_damaged_state_is_not_used_and_training_starts_over(states, damage, caplog):
+def checksummed(body: bytes) -> bytes:
+    """last.pt's layout, written out here: the header line with the body's sha256, then the body."""
+    return b"pneumonia-kfp-state sha256=" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("flip", "its sha256 does not match its header"),  # 4 KB flipped in the middle of the tensors
+    ("truncate", "its sha256 does not match its header"),
+    ("old format", "it has no checksum header"),  # a torch.save file without the header: cannot be verified
+    ("binary header", "its sha256 does not match its header"),  # bytes that are not ASCII where the hash goes
+    ("not torch", "it does not load (UnpicklingError)"),  # the checksum holds, the bytes are no torch.save
+    ("code in the pickle", "it does not load (UnpicklingError)"),  # weights only: a pickled callable is refused
+])
+def test_a_damaged_state_is_not_used_and_training_starts_over(states, damage, why, caplog):
     store, state, path = states
     data = path.read_bytes()
-    if damage == "flip":  # 4 KB flipped in the middle of the tensors
+    if damage == "flip":
         mid = len(data) // 2
         data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 4096]) + data[mid + 4096:]
     elif damage == "truncate":
         data = data[:len(data) // 3]
-    else:  # a torch.save file without the checksum header: cannot be verified
+    elif damage == "old format":
         data = data.partition(b"\n")[2]
+    elif damage == "binary header":
+        data = b"pneumonia-kfp-state sha256=\xff\xfe\x80" + b"\n" + data.partition(b"\n")[2]
+    elif damage == "not torch":
+        data = checksummed(b"not a pickle at all")
+    else:
+        data = checksummed(torch_bytes({"epoch": 2, "hook": print}))
+    assert data.startswith(b"pneumonia-kfp-state") == (damage != "old format")
     path.write_bytes(data)
     with caplog.at_level(logging.WARNING):
         assert resume.load(store, "cpu") is None
-    assert "last.pt is damaged" in caplog.text and "training starts over" in caplog.text
+    assert f"last.pt is damaged ({why}): training starts over from epoch 1" in caplog.text
+
+
+def test_a_state_written_by_hand_in_the_documented_layout_loads(states):
+    store, _, path = states
+    path.write_bytes(checksummed(torch_bytes({"epoch": 7})))
+    assert resume.load(store, "cpu") == {"epoch": 7}
 
 
 def test_the_state_store_is_keyed_by_every_part_of_the_identity(tmp_path):
