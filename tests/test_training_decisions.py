@@ -6,14 +6,15 @@ import logging
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.evaluation import predict_probs
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.storage import open_store
 from pneumonia_kfp.synthetic import make_synthetic
-from pneumonia_kfp.training import MIN_VAL_IMAGES, improves, train
+from pneumonia_kfp.training import MIN_VAL_IMAGES, Recipe, improves, train
 
 TINY = "test_resnet"  # timm's own tiny test network: fast, and a real timm model
 
@@ -97,6 +98,32 @@ def test_best_epoch_tie_on_auc_goes_to_the_lower_validation_loss(history, expect
     assert best["epoch"] == best_epoch_by_hand(rows) == expected
 
 
+def test_a_run_whose_best_epoch_is_not_its_last_keeps_the_best_epochs_weights(own_val, tmp_path):
+    # a learning rate this high collapses resnet18 to a constant after epoch 1 (validation AUC 0.5)
+    meta = train(own_val["uri"], "resnet18", str(tmp_path / "m.pt"), epochs=3, batch_size=8, seed=0,
+                 learning_rate=0.05)
+    aucs = [h["val_auc"] for h in meta["history"]]
+    assert aucs[0] > max(aucs[1:]) + 0.02  # the premise: the first epoch is clearly the best
+    assert meta["best_epoch"] == best_epoch_by_hand(meta["history"]) == 1
+    vx, vy, _ = StoredDataset(own_val["uri"]).split("val")
+    model, ckpt = load_checkpoint(tmp_path / "m.pt")
+    prob = predict(model, vx, ckpt["mean"], ckpt["std"])
+    assert bce(vy, prob) == pytest.approx(meta["history"][0]["val_loss"], abs=1e-4)  # epoch 1's weights
+
+
+def test_with_tta_the_threshold_and_validation_report_use_the_tta_predictions(own_val, tmp_path):
+    meta = train(own_val["uri"], TINY, str(tmp_path / "m.pt"), epochs=1, batch_size=8, seed=1, tta=True,
+                 threshold_rule="youden")
+    vx, vy, _ = StoredDataset(own_val["uri"]).split("val")
+    model, ckpt = load_checkpoint(tmp_path / "m.pt")
+    prob = predict_probs(model, vx, ckpt["mean"], ckpt["std"], tta=True)
+    plain = predict_probs(model, vx, ckpt["mean"], ckpt["std"])
+    assert not np.allclose(prob, plain)  # the premise: the views change the predictions
+    assert meta["tta"] is True and meta["threshold"] == pytest.approx(youden(vy, prob), abs=1e-6)
+    assert meta["val"]["auc"] == pytest.approx(roc_auc_score(vy, prob), abs=1e-6)
+    assert meta["val_predictions"]["prob"] == pytest.approx(prob.tolist(), abs=1e-6)
+
+
 def test_training_keeps_the_epoch_the_rule_picks(no_val, tmp_path):
     meta = train(no_val["uri"], "resnet18", str(tmp_path / "m.pt"), epochs=3, batch_size=8, seed=2)
     assert meta["best_epoch"] == best_epoch_by_hand(meta["history"])
@@ -145,13 +172,14 @@ def test_the_same_settings_resume_the_same_state(no_val, identity_store, tmp_pat
 
 
 @pytest.mark.parametrize("setting", ["backbone", "epochs", "batch_size", "learning_rate", "seed", "pretrained",
-                                     "weights", "dataset"])
+                                     "weights", "recipe", "dataset"])
 def test_every_training_setting_changes_the_resume_identity(setting, no_val, own_val, identity_store, weights,
                                                             tmp_path, caplog):
     changed = {"backbone": {"backbone": "test_efficientnet"}, "epochs": {"epochs": 2}, "batch_size": {"batch_size": 4},
                "learning_rate": {"learning_rate": 2e-3}, "seed": {"seed": 1},
                "pretrained": {"pretrained": True, "weights": weights[0]},
-               "weights": {"pretrained": True, "weights": weights[2]}, "dataset": {"dataset": own_val["uri"]}}[setting]
+               "weights": {"pretrained": True, "weights": weights[2]},
+               "recipe": {"recipe": Recipe(label_smoothing=0.0)}, "dataset": {"dataset": own_val["uri"]}}[setting]
     if setting == "weights":  # against another weights file, not the base settings (any test order)
         _train(no_val, tmp_path / "w1.pt", pretrained=True, weights=weights[1])
         caplog.clear()
