@@ -12,6 +12,7 @@ from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.evaluation import predict_probs
 from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.metrics import bootstrap_ci
 from pneumonia_kfp.storage import open_store
 from pneumonia_kfp.synthetic import make_synthetic
 from pneumonia_kfp.training import MIN_VAL_IMAGES, Recipe, improves, train
@@ -62,7 +63,7 @@ def trained_own_val(own_val, tmp_path_factory):
 
 def test_threshold_and_best_epoch_come_from_the_datasets_own_val_split(own_val, trained_own_val):
     path, meta = trained_own_val
-    vx, vy, _ = StoredDataset(own_val["uri"]).split("val")
+    vx, vy, entries = StoredDataset(own_val["uri"]).split("val")
     assert meta["val_source"] == "dataset val split" and meta["val"]["n"] == len(vy) == MIN_VAL_IMAGES
     model, ckpt = load_checkpoint(path)
     prob = predict(model, vx, ckpt["mean"], ckpt["std"])  # the kept model's validation probabilities
@@ -70,6 +71,11 @@ def test_threshold_and_best_epoch_come_from_the_datasets_own_val_split(own_val, 
     assert meta["thresholds"]["youden"] == pytest.approx(youden(vy, prob), abs=1e-6)
     assert meta["threshold_rule"] == "balanced" and meta["threshold"] == meta["thresholds"]["balanced"] == 0.5
     assert ckpt["threshold"] == meta["threshold"]
+    # the interval is the patient bootstrap seeded with the run's seed (0), not an unseeded or image-level one
+    ci = bootstrap_ci(vy, prob, 0.5, seed=0, groups=[e.get("patient") or e["path"] for e in entries])
+    assert set(meta["val"]["ci95"]) == set(ci)
+    for k, interval in ci.items():
+        assert meta["val"]["ci95"][k] == pytest.approx(interval, abs=1e-3), k
     pred = prob >= meta["threshold"]
     assert meta["val"]["confusion_matrix"] == [[int((~pred & (vy == 0)).sum()), int((pred & (vy == 0)).sum())],
                                                [int((~pred & (vy == 1)).sum()), int((pred & (vy == 1)).sum())]]
