@@ -157,10 +157,17 @@ def run_module(name: str, m: Module, jobs: int, fresh: bool, tests_from: str | N
            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.monotonic()
     proc = subprocess.CompletedProcess([], 0)
-    if names:
+    for _ in range(2):  # twice at most: the names were read before mutmut re-mutated the changed functions
+        if not names:
+            break
         with open(ws / "mutmut.log", "w") as log:
             proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(jobs), *names],
                                   cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or fresh or not meta.is_file():
+            break
+        # a changed function's mutants were renumbered and reset: run those not run yet
+        codes = _selected(json.loads(meta.read_text())["exit_code_by_key"], module, m)
+        names = [k for k, v in codes.items() if v is None and fnmatch.fnmatchcase(k, match)]
     log_text = (ws / "mutmut.log").read_text() if (ws / "mutmut.log").is_file() else ""
     # no mapped test exists yet (pytest: no tests ran), or none calls the mutated functions
     uncovered = "could not find any test case for any mutant" in log_text or "runner returned 5" in log_text
