@@ -4,6 +4,7 @@ error mapping (AccessDenied and other non-404 errors are errors, never "missing"
 A small S3 endpoint here answers with S3 error documents the way MinIO and AWS do and records
 every request; the moto server (conftest) stands in for a working S3.
 """
+import socket
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,6 +161,89 @@ def test_only_transient_server_errors_are_retried(endpoint, status, code, reques
     with pytest.raises(StorageError, match=server.address):
         open_store("s3://bucket/prefix").get_bytes("k")
     assert len(server.requests) == requests
+
+
+def test_a_server_error_on_every_try_names_status_retries_and_code(endpoint):
+    server = endpoint(500, "InternalError", retries="1")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/prefix").get_bytes("k")
+    assert str(e.value) == (f"read s3://bucket/prefix/k: S3 endpoint http://{server.address} answered HTTP 500 to "
+                            "every try (1 retries): the server is failing, see its logs")
+    assert e.value.code == "ServerError"
+
+
+class _Plain(BaseHTTPRequestHandler):
+    """Not S3: answers ``server.answer`` = (status, content type or None, body) to everything; with
+    ``cut`` it promises 100 bytes, sends 10 and hangs up."""
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self):
+        status, content_type, body = self.server.answer
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", "100" if self.server.cut else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        if self.server.cut:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    do_GET = do_PUT = do_HEAD = _answer
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Plain)
+    server.daemon_threads, server.cut = True, False
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    for k, v in {"MINIO_ENDPOINT": f"127.0.0.1:{server.server_address[1]}", "MINIO_REGION": "us-east-1",
+                 "MINIO_RETRIES": "0", "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY": "s"}.items():
+        monkeypatch.setenv(k, v)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("content_type, said", [("text/html", "text/html"), (None, "without a content type")])
+def test_a_web_server_that_is_not_s3_is_named_not_s3(plain, content_type, said):
+    plain.answer = (404, content_type, b"<html>Not Found</html>")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/p").get_bytes("k")
+    assert str(e.value) == (f"read s3://bucket/p/k: http://127.0.0.1:{plain.server_address[1]} is not an S3 server "
+                            f"(it answered HTTP 404 {said}, not S3 XML). Check MINIO_ENDPOINT.")
+    assert e.value.code == "NotS3"
+
+
+def test_a_5xx_without_an_s3_error_document_is_a_server_error(plain):
+    plain.answer = (507, None, b"")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/p").exists("k")  # a HEAD: S3 sends no error document with it
+    port = plain.server_address[1]
+    assert str(e.value) == f"stat s3://bucket/p/k: S3 endpoint http://127.0.0.1:{port} answered HTTP 507"
+    assert e.value.code == "ServerError"
+
+
+def test_a_connection_cut_mid_object_names_the_read_and_the_cause(plain):
+    plain.answer, plain.cut = (200, "application/octet-stream", b"0123456789"), True
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/p").get_bytes("k")
+    assert str(e.value) == (f"read s3://bucket/p/k: S3 endpoint http://127.0.0.1:{plain.server_address[1]} is "
+                            "unreachable (ProtocolError). Check MINIO_ENDPOINT and that the server is running.")
+
+
+@pytest.mark.parametrize("value", ["false", "FALSE", "False"])
+def test_a_bucket_marked_not_ours_is_never_checked_or_created(endpoint, monkeypatch, value):
+    server = endpoint()
+    monkeypatch.setenv("MINIO_CREATE_BUCKET", value)
+    store = open_store("s3://kubeflows-bucket/p")
+    store.put_bytes("a", b"1")
+    store.put_bytes("b", b"2")
+    assert [r["method"] for r in server.requests] == ["PUT", "PUT"]  # the two objects, no bucket HEAD or PUT
+    assert all(r["path"].startswith("/kubeflows-bucket/p/") for r in server.requests)
 
 
 def test_multipart_uploads_retry_their_posts(endpoint, tmp_path):
