@@ -100,6 +100,7 @@ def test_environment_names():
     ({"overrides": ["train.tolerations={a: b"]}, "train.tolerations='{a: b': not valid YAML"),
     ({"overrides": ["train.gpus=2"]}, "unknown setting 'train.gpus'; known: env, evaluate.cpu_limit,"),
     ({"overrides": ["train.retries"]}, "--set 'train.retries': expected KEY=VALUE"),
+    ({"overrides": ["env.=x"]}, "unknown setting 'env.'"),  # a variable needs a name
     ({"environ": {"PNEUMONIA_KFP_TRAIN_RETRIES": "many"}}, "PNEUMONIA_KFP_TRAIN_RETRIES='many': expected int"),
     ({"overrides": ["image=registry.example.com/x:latest"]}, "pin the image with a tag or digest"),
 ])
@@ -114,6 +115,7 @@ def test_bad_values_name_their_key(kwargs, message):
     ("train: [1\n", "settings file"),
     ("train:\n  retries: two\n", "train.retries='two': expected int"),
     ("minio:\n  secret: Team_Minio\n", "minio.secret='Team_Minio': expected a Kubernetes name"),
+    ("env.FOO: [1, 2]\n", "env.FOO=[1, 2]: expected str"),  # a dotted key: one variable
 ])
 def test_bad_files(tmp_path, content, message):
     f = tmp_path / "s.yaml"
@@ -151,3 +153,7 @@ def test_untagged_images_get_this_checkouts_tag(image):
 def test_latest_or_empty_images_fail(image):
     with pytest.raises(SettingsError, match="pin the image"):
         pinned_image(image)
+
+
+def test_a_one_letter_environment_variable():
+    assert load(overrides=["env.A=1", "env.LOG_LEVEL=debug"], environ={}).env == {"A": "1", "LOG_LEVEL": "debug"}
