@@ -126,6 +126,16 @@ def test_check_image_reasons_and_the_minimum_side(tmp_path):
     assert check_image(narrow, 16, DEFAULT_MAX_PIXELS, min_side=31)[1] is None
 
 
+def test_the_pixel_limit_is_checked_on_the_header_and_inclusive(tmp_path):
+    Image.new("L", (1000, 1000), 9).save(tmp_path / "mp.png")  # exactly one megapixel
+    data = (tmp_path / "mp.png").read_bytes()
+    assert check_image(data, 16, 1_000_000)[1] is None  # at the limit: accepted
+    assert check_image(data, 16, 999_999) == (None, "too large: 1000x1000 px = 1 MP, over the pixel limit of "
+                                                    "0.999999 MP (PNEUMONIA_KFP_MAX_PIXELS)")
+    assert check_image(data, 16, 500_000)[1] == ("too large: 1000x1000 px = 1 MP, over the pixel limit of 0.5 MP "
+                                                 "(PNEUMONIA_KFP_MAX_PIXELS)")
+
+
 def test_symlinks_inside_the_root_are_fine_outside_are_not(tmp_path):
     root = tmp_path / "root"
     for c in ("A", "B"):
