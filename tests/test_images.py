@@ -126,6 +126,13 @@ def test_check_image_reasons_and_the_minimum_side(tmp_path):
     assert check_image(narrow, 16, DEFAULT_MAX_PIXELS, min_side=31)[1] is None
 
 
+def test_load_image_takes_any_side_unless_told_a_minimum(tmp_path):
+    Image.new("L", (1, 5), 200).save(tmp_path / "line.png")
+    assert (load_image(tmp_path / "line.png", 4) == 200).all()
+    with pytest.raises(ValueError, match="too small: 1x5 px"):
+        load_image(tmp_path / "line.png", 4, min_side=2)
+
+
 def test_the_pixel_limit_is_checked_on_the_header_and_inclusive(tmp_path):
     Image.new("L", (1000, 1000), 9).save(tmp_path / "mp.png")  # exactly one megapixel
     data = (tmp_path / "mp.png").read_bytes()

@@ -198,7 +198,8 @@ def test_unreachable_host(capsys):
     assert main(["submit", "--host", f"http://127.0.0.1:{free_port()}", *S3]) == 2
     err = one_error_line(capsys)
     assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:" in err and "(NewConnectionError)" in err  # the cause
-    assert "e.g. http://localhost:8080 after kubectl port-forward svc/ml-pipeline-ui 8080:80" in err
+    assert err.endswith("(NewConnectionError); check --host, e.g. http://localhost:8080 after kubectl port-forward "
+                        "svc/ml-pipeline-ui 8080:80")
 
 
 def test_host_without_scheme(capsys):
