@@ -221,6 +221,8 @@ class S3Store(Store):
                 ) from None
             raise self._unreachable(what, e.reason or e) from None
         except (HTTPError, OSError) as e:
+            if getattr(e, "filename", None):  # a local file (put_file's source), not the connection
+                raise StorageError(f"{what}: {e.strerror}: {e.filename}") from None
             raise self._unreachable(what, e) from None
         except ValueError as e:  # the client refuses a name before sending anything
             raise StorageError(f"{what}: {e}") from None

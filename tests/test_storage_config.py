@@ -314,6 +314,14 @@ def test_unreachable_endpoint_message(monkeypatch):
     assert e.value.code is None
 
 
+def test_a_missing_local_file_is_named_not_blamed_on_the_endpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{free_port()}")  # nothing listens, and nothing is sent
+    monkeypatch.setenv("MINIO_CREATE_BUCKET", "false")
+    with pytest.raises(StorageError) as e:
+        open_store("s3://bucket/p").put_file("k", tmp_path / "gone.bin")
+    assert str(e.value) == f"write s3://bucket/p/k: No such file or directory: {tmp_path / 'gone.bin'}"
+
+
 def test_default_endpoint_is_local_minio(monkeypatch):
     monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
     monkeypatch.delenv("MINIO_SECURE", raising=False)
