@@ -1,11 +1,16 @@
-"""submit --wait: every final state ends the wait, --timeout bounds it, KFP_TOKEN authenticates.
+"""submit --wait: every final state ends the wait, --timeout bounds it, KFP_TOKEN authenticates; API and
+health-check errors read as one line naming the cause.
 
 Against the same local HTTP server speaking the KFP v2beta1 API as tests/test_kubeflow_submit.py.
 """
+import socket
+import threading
+
 import pytest
 
 from pneumonia_kfp.pipelines.cli import main
 from tests import test_kubeflow_submit as base
+from tests.conftest import free_port
 from tests.test_kubeflow_submit import S3, TOKEN, one_error_line
 
 # the same fake KFP API server and clean-process fixture as the other submit tests
@@ -130,11 +135,6 @@ def test_an_api_error_without_message_or_reason_says_nothing_more(kfp_api, capsy
 
 def test_the_health_check_does_not_retry_a_dropped_connection(capsys):
     """A host that accepts and hangs up at once: one connection, then one line (no silent retries)."""
-    import socket
-    import threading
-
-    from tests.conftest import free_port
-
     port, accepted = free_port(), []
     server = socket.create_server(("127.0.0.1", port))
 
