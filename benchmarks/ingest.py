@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from pneumonia_kfp.procs import descendants
+
 
 def child(a) -> None:
     """One measurement, in this (pinned) process: first ingest, then an unchanged re-ingest."""
@@ -56,22 +58,6 @@ def _hwm_kib(pid: int) -> int | None:
     return None
 
 
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def measure(a, cores: int) -> dict:
     """Run ``child`` pinned to ``cores`` cores, sampling the peak RSS of it and its workers."""
     pin = sorted(os.sched_getaffinity(0))[:cores]
@@ -83,7 +69,7 @@ def measure(a, cores: int) -> dict:
 
     def sample():
         while proc.poll() is None:
-            for pid in {proc.pid} | _descendants(proc.pid):
+            for pid in {proc.pid} | descendants(proc.pid):
                 kib = _hwm_kib(pid)
                 if kib:
                     peaks[pid] = max(peaks.get(pid, 0), kib)

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
+from pneumonia_kfp.procs import process_table
 
 LOG_FILE = "run-local.log"
 SYNTHETIC_WARNING = ("!!! SYNTHETIC DATA: no --data was given, so the models were trained on generated images.\n"
@@ -249,16 +250,7 @@ def signal_group(pgid: int, sig: int) -> None:
 
 def _group_members(pgid: int) -> list[int]:
     """Live processes of a process group (from /proc: the group outlives its leader)."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in process_table().items() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def _runner(state: Path) -> int:

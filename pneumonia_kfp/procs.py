@@ -1,4 +1,5 @@
-"""Child processes that die with their parent, and how many cores this process may use."""
+"""Child processes that die with their parent, the process table (/proc), and how many cores this
+process may use."""
 from __future__ import annotations
 
 import ctypes
@@ -22,6 +23,37 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def process_table() -> dict[int, list[str]]:
+    """{pid: the fields of /proc/<pid>/stat after the command name} of every process now (Linux):
+    [0] the state ("Z": a zombie), [1] the parent pid, [2] the process group."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # the command name, in parentheses, may itself hold spaces and ")"
+                table[int(entry.name)] = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    """Children, grandchildren … of ``pid``, now."""
+    parents = {p: int(fields[1]) for p, fields in process_table().items()}
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def usable_cores() -> int:

@@ -15,6 +15,7 @@ import torch
 from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.pipelines.local import SYNTHETIC_WARNING, ConsoleFilter
+from pneumonia_kfp.procs import alive, descendants
 from pneumonia_kfp.synthetic import DEMO_COUNTS, make_synthetic
 
 # what kfp's local runner prints: task start and end lines (with colour codes), each task's output indented
@@ -100,30 +101,6 @@ def test_an_unwritable_output_is_one_line(tmp_path, capsys, output):
     assert rc == 2 and f"--output {target}: cannot write there" in err and len(err.splitlines()) == 1
 
 
-def _tree(pid: int) -> set[int]:
-    """pid and its descendants, now."""
-    parents = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = {pid}, {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killing_run_local_ends_its_tasks_and_leaves_no_workspace(tmp_path, sig):
     data = make_synthetic(tmp_path / "data", {"train": 40, "test": 8}, size=40)
@@ -136,16 +113,16 @@ def test_killing_run_local_ends_its_tasks_and_leaves_no_workspace(tmp_path, sig)
     deadline, training = time.monotonic() + 300, False
     while time.monotonic() < deadline and cli.poll() is None and not training:
         time.sleep(0.2)
-        processes = _tree(cli.pid)
-        training = any(b"train_op" in Path(f"/proc/{p}/cmdline").read_bytes() for p in processes if _alive(p))
+        processes = {cli.pid} | descendants(cli.pid)
+        training = any(b"train_op" in Path(f"/proc/{p}/cmdline").read_bytes() for p in processes if alive(p))
     assert training, "the train task never started"
-    processes = _tree(cli.pid) - {cli.pid}
+    processes = descendants(cli.pid)
     cli.send_signal(sig)
     cli.wait(timeout=60)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(p) for p in processes):
+    while time.monotonic() < deadline and any(alive(p) for p in processes):
         time.sleep(0.2)
-    assert not [p for p in processes if _alive(p)], "task processes outlived run-local"
+    assert not [p for p in processes if alive(p)], "task processes outlived run-local"
     assert not (out / ".run-local").exists() and not list(tmp.iterdir())  # no workspace, no task temp files
     if sig != signal.SIGKILL:
         assert cli.returncode == 128 + sig

@@ -11,6 +11,7 @@ import pytest
 
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.procs import alive, descendants
 from pneumonia_kfp.storage import StorageError, open_store
 from tests.s3_proxy import FaultyProxy
 
@@ -126,27 +127,6 @@ def test_killed_ingest_rerun_has_nothing_missing_or_duplicated(tmp_path, via_pro
     assert packs == {e["pack"] for e in ds.manifest["files"]}  # no pack left over from the killed run
 
 
-def _children(pid):
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = open(f"/proc/{entry.name}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid):
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_killed_ingest_leaves_no_worker_process(tmp_path):
     from pneumonia_kfp.synthetic import make_synthetic
 
@@ -158,12 +138,12 @@ def test_killed_ingest_leaves_no_worker_process(tmp_path):
                             stderr=subprocess.DEVNULL)
     deadline, workers = time.monotonic() + 60, []
     while time.monotonic() < deadline and len(workers) < 2:  # the reader processes (and multiprocessing's tracker)
-        workers = [p for p in _children(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        workers = [p for p in descendants(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
         time.sleep(0.05)
     assert len(workers) >= 2, "no worker processes seen"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
         time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)]
+    assert not [p for p in workers if alive(p)]
