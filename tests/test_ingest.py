@@ -117,7 +117,9 @@ def test_worker_processes_give_the_same_version_as_one_process(tmp_path):
         assert [where(e) for e in es] == [where(e) for e in ep]
         assert all(one.raw(a) == two.raw(b) for a, b in zip(es, ep, strict=True))
     packs = {e["pack"] for e in StoredDataset(parallel["uri"]).manifest["files"]}
-    assert len(packs) == 2  # one pack per worker process
+    # one pack per worker that read files: a worker slow to start may find every chunk taken (seen once in
+    # a full run), so the count is at most the workers; that workers run is test_storage_faults' check
+    assert 1 <= len(packs) <= 2
 
 
 @pytest.mark.parametrize("target", ["tensors/train.npy", "validation.json", "raw", "manifest.json"])
