@@ -11,7 +11,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup system-packages run test lint mutation compile image lock clean
+.PHONY: setup system-packages run test lint mutation compile image base-image lock clean
 
 # torch's build alone is ~5.5 GB: say so up front instead of failing midway with ENOSPC
 SETUP_FREE_GB ?= 8
@@ -20,15 +20,18 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 	  echo "make setup: $(VENV) needs about $(SETUP_FREE_GB) GB free on $$(pwd), only $$free GB left; free some space (or SETUP_FREE_GB=N to try anyway)" >&2; exit 2; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r $(LOCK) -e '.[dev]'
+	$(BIN)/pip install --quiet -r $(LOCK) -e '.[dev,docker]'
 	$(BIN)/pip check
 	touch $@
 
 setup: $(BIN)/.installed
 
-run: setup
+# RUNNER=docker: every task in this checkout's image (built first; cached layers make that quick), GPUS=all|N
+RUNNER ?= subprocess
+GPUS ?=
+run: setup $(if $(filter docker,$(RUNNER)),image)
 	$(BIN)/pneumonia-kfp run-local --output $(OUT) --backbones $(BACKBONES) --epochs $(EPOCHS) \
-		--image-size $(IMAGE_SIZE) $(if $(DATA),--data $(DATA))
+		--image-size $(IMAGE_SIZE) $(if $(DATA),--data $(DATA)) --runner $(RUNNER) $(if $(GPUS),--gpus $(GPUS))
 
 # the Debian packages the tests use as real parts (pushgateway, chromium): installed once, or one line saying how
 system-packages:
@@ -53,19 +56,27 @@ compile: setup
 # so an image built from this checkout is the one its compiled pipeline expects.
 IMAGE_TAG = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pneumonia_kfp/__init__.py)-$(shell sha256sum $(LOCK) | cut -c1-12)
 IMAGE ?= $(if $(REGISTRY),$(REGISTRY)/pneumonia-kfp:$(IMAGE_TAG))
+# the name the components default to (kfp_defaults.BASE_IMAGE): what run-local --runner docker runs
+LOCAL_IMAGE = ghcr.io/pneumonia-kfp/pneumonia-kfp:$(IMAGE_TAG)
+# the base: the Dockerfile's python:3.11 slim; without Docker Hub, `make base-image` and BASE_IMAGE=$(DEBIAN_BASE)
+BASE_IMAGE ?=
+DEBIAN_BASE = pneumonia-kfp-base:3.11-bookworm
 
-# `make image REGISTRY=registry.example.com/team` (or IMAGE=registry/name:tag) [BASE_IMAGE=...]: build
-# images/Dockerfile (BuildKit) and push it. A pinned tag only: the compiled pipeline must name exactly
-# what was pushed, never :latest.
-image:
+# `make image`: build this checkout's image as $(LOCAL_IMAGE) (images/build.sh picks a BuildKit builder
+# and says which). `make image REGISTRY=registry.example.com/team` (or IMAGE=registry/name:tag) also pushes
+# it. A pinned tag only: the compiled pipeline must name exactly what was pushed, never :latest.
+image: setup
 	@case "$(lastword $(subst /, ,$(IMAGE)))" in \
-	  ""|*:latest|*:) echo "make image: set REGISTRY=registry/path (tag $(IMAGE_TAG)) or IMAGE=registry/name:tag with a pinned tag (not :latest)" >&2; exit 2;; \
-	  *:*) ;; \
+	  *:latest|*:) echo "make image: IMAGE=$(IMAGE) must have a pinned tag (not :latest); e.g. REGISTRY=registry/path (tag $(IMAGE_TAG))" >&2; exit 2;; \
+	  ""|*:*) ;; \
 	  *) echo "make image: IMAGE=$(IMAGE) has no tag; use registry/name:tag" >&2; exit 2;; \
 	esac
-	DOCKER_BUILDKIT=1 docker build -f images/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
-	docker push $(IMAGE)
-	@echo "pushed $(IMAGE); compile or submit with --image $(IMAGE)"
+	PYTHON=$(BIN)/python BASE_IMAGE=$(BASE_IMAGE) images/build.sh $(LOCAL_IMAGE)
+	$(if $(IMAGE),docker tag $(LOCAL_IMAGE) $(IMAGE) && docker push $(IMAGE) && echo "pushed $(IMAGE); compile or submit with --image $(IMAGE)")
+
+# a Python 3.11 base image from Debian packages (debootstrap), for sites that cannot pull Docker Hub
+base-image:
+	images/base-image.sh $(DEBIAN_BASE)
 
 # rewrite requirements.lock (and the lock hash in the default image tag) from pyproject.toml's ranges
 lock: setup

@@ -23,7 +23,8 @@ def run_local_cmd(args) -> int:
     from pneumonia_kfp.pipelines.local import run_local
 
     params = from_args(args, RUN_LOCAL_PARAMS)
-    return run_local(params, Path(args.output), args.storage, synthetic=not args.data)
+    return run_local(params, Path(args.output), args.storage, synthetic=not args.data, runner=args.runner,
+                     gpus=args.gpus)
 
 
 def ingest_cmd(args) -> int:
@@ -85,6 +86,12 @@ def submit_cmd(args) -> int:
     return 0
 
 
+def gpus_arg(value: str) -> str:
+    if value == "all" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected all or a number of GPUs (1 or more)")
+
+
 def parser() -> argparse.ArgumentParser:
     from pneumonia_kfp.pipelines.pipeline import PIPELINE_NAME
     from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
@@ -97,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
     add_params(r, RUN_LOCAL_PARAMS, helps={
         "data": "ImageFolder directory (train|val|test/<class>/*); omitted: a SYNTHETIC demo dataset",
         "storage": "store URI (default: file://OUTPUT/store)"})
+    r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="run each task as a subprocess here (default) or in the project's image, as on a cluster "
+                   "(build it with `make image`)")
+    r.add_argument("--gpus", type=gpus_arg, metavar="all|N",
+                   help="with --runner docker: NVIDIA GPUs for the train and evaluate tasks (NVIDIA's container "
+                   "runtime); with several, each running task gets its own")
     r.set_defaults(func=run_local_cmd)
 
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")

@@ -187,18 +187,29 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STATE_DIR = ".run-local"  # under OUT: the runner's spec, workspace and the tasks' temporary files
 
 
-def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> int:
-    """Check everything that can be checked, then run the pipeline in a runner process (``_runner``)."""
+def run_local(params: dict, out: Path, storage: str | None, synthetic: bool, runner: str = "subprocess",
+              gpus: str | None = None) -> int:
+    """Check everything that can be checked, then run the pipeline in a runner process (``_runner``):
+    its tasks as subprocesses here, or (``runner="docker"``) in the project's image."""
     from pneumonia_kfp.data import scan_image_folder
 
     out = check_output(out.resolve())
+    if runner == "docker":  # engine, image and GPUs first: one line each, before any work
+        from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE
+        from pneumonia_kfp.pipelines import docker
+
+        client = docker.connect()
+        docker.check_image(client, BASE_IMAGE)
+        docker.gpu_ids(client, gpus)
+    elif gpus:
+        raise UsageError("--gpus needs --runner docker (subprocess tasks use whatever GPU torch finds)")
     if synthetic:
         params["data"] = str(announce_synthetic(out, params["image_size"]))
     else:
         params["data"] = str(Path(params["data"]).expanduser().resolve())
     _, files = scan_image_folder(params["data"])  # fail fast, with a clear message, before any task starts
     params["storage"] = storage or (out / "store").as_uri()
-    estimate = cpu_estimate(params, sum(f.split != "test" for f in files))
+    estimate = None if gpus else cpu_estimate(params, sum(f.split != "test" for f in files))
     if estimate:
         sys.stdout.write(f"No GPU: training {len(params['backbones'])} backbone(s) for {params['epochs']} epoch(s) "
                          f"at {params['image_size']} px takes {estimate} on this CPU. For a quick look: "
@@ -208,15 +219,16 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool) -> 
     # tasks run side by side on this machine: split the cores so their thread pools don't fight
     parallel = min(params["max_parallel"], len(params["backbones"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
-    return supervise(params, out)
+    return supervise(params, out, {"runner": runner, "gpus": gpus, "run_id": f"{os.getpid()}-{time.time_ns()}"})
 
 
-def supervise(params: dict, out: Path) -> int:
+def supervise(params: dict, out: Path, execution: dict | None = None) -> int:
     """Run ``_runner`` in a process group of its own and wait for it; a stop signal here ends the group."""
     state = out / STATE_DIR
     shutil.rmtree(state, ignore_errors=True)  # left by a runner killed together with its group
     state.mkdir()
-    (state / "spec.json").write_text(json.dumps({"params": params, "out": str(out), "parent": os.getpid()}))
+    (state / "spec.json").write_text(json.dumps({"params": params, "out": str(out), "parent": os.getpid(),
+                                                 "execution": execution or {"runner": "subprocess"}}))
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     runner = subprocess.Popen([sys.executable, "-m", "pneumonia_kfp.pipelines.local", str(state)], **group)
     stopped: list[int] = []
@@ -259,21 +271,27 @@ def _runner(state: Path) -> int:
 
     spec = json.loads((state / "spec.json").read_text())
     die_with_parent(spec["parent"], signal.SIGTERM)
+    execution = spec["execution"]
     for s in STOP_SIGNALS:
-        signal.signal(s, lambda signum, _frame: _end_group(signum, state))
+        signal.signal(s, lambda signum, _frame: _end_group(signum, state, execution.get("run_id")))
     (state / "tmp").mkdir()
     os.environ["TMPDIR"] = str(state / "tmp")  # the tasks' temporary directories, removed with the state
     try:
-        run_pipeline(spec["params"], Path(spec["out"]), state / "workspace")
+        run_pipeline(spec["params"], Path(spec["out"]), state / "workspace", execution)
     except PneumoniaKfpError as e:
         (state / "error.txt").write_text(str(e))
         return 2
     return 0
 
 
-def _end_group(signum: int, state: Path) -> None:
-    """End every task (and what they started) in this runner's group, remove the state, exit."""
+def _end_group(signum: int, state: Path, run_id: str | None = None) -> None:
+    """End every task (and what they started) in this runner's group and every task container of this run,
+    remove the state, exit."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group signal reaches this process too
+    if run_id:
+        from pneumonia_kfp.pipelines.docker import stop_containers
+
+        stop_containers(run_id)  # containers are the engine's children, not in this process group
     me = os.getpid()
     signal_group(me, signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -287,13 +305,27 @@ def _end_group(signum: int, state: Path) -> None:
     os._exit(128 + signum)
 
 
-def run_pipeline(params: dict, out: Path, workspace: Path) -> None:
+def task_runner(params: dict, out: Path, execution: dict):
+    """kfp's runner for the tasks: subprocesses of this process, or containers of the project's image."""
+    from kfp import local
+
+    if execution["runner"] != "docker":
+        return local.SubprocessRunner(use_venv=False)
+    from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE
+    from pneumonia_kfp.pipelines import docker
+    from pneumonia_kfp.pipelines.settings import Train
+
+    return docker.runner(docker.connect(), BASE_IMAGE, out=out, data=params["data"], storage=params["storage"],
+                         run_id=execution["run_id"], shm_size=Train().shm_size, gpus=execution.get("gpus"))
+
+
+def run_pipeline(params: dict, out: Path, workspace: Path, execution: dict | None = None) -> None:
     from kfp import local
 
     from pneumonia_kfp.pipelines.pipeline import build_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp-root"),
-               workspace_root=str(workspace))
+    local.init(runner=task_runner(params, out, execution or {"runner": "subprocess"}),
+               pipeline_root=str(out / "kfp-root"), workspace_root=str(workspace))
     pipeline = build_pipeline(params.pop("max_parallel"))
     log_path = out / LOG_FILE
     start = time.perf_counter()
