@@ -32,10 +32,11 @@ def timed_steps(model, make_batch, steps, loss_fn, optimizer, scaler, device) ->
 
 
 def main():
-    from pneumonia_kfp.backbones import create_backbone, grayscale_normalization
+    from pneumonia_kfp.backbones import grayscale_normalization
     from pneumonia_kfp.data import StoredDataset
+    from pneumonia_kfp.device import select_device
     from pneumonia_kfp.ingest import ingest
-    from pneumonia_kfp.training import to_device, training_batch
+    from pneumonia_kfp.training import Recipe, build_state, to_device, training_batch
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="ImageFolder (e.g. chest_xray, the Kermany layout)")
@@ -45,20 +46,17 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     a = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
+    device = select_device()
     with tempfile.TemporaryDirectory() as tmp:
         x_all, y_all, _ = StoredDataset(ingest(a.data, tmp, image_size=a.image_size)["uri"]).split("train")
     images, labels = to_device(x_all, device), to_device(y_all, device)
     generator = torch.Generator(device=device).manual_seed(0)
     for name in a.backbones.split(","):
-        model = create_backbone(name).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        # training's own model, optimizer and grad scaler (no moving average: not part of a step)
+        state = build_state(name, device, 1, 1, 1e-4, 0, Recipe(ema=False), False, "")
+        model, optimizer, scaler = state.model, state.optimizer, state.scaler
         run_model = torch.compile(model) if a.compile else model
         mean, std = grayscale_normalization(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
         loss_fn = torch.nn.CrossEntropyLoss()
         batch = min(a.batch_size, len(images))  # a batch never holds more images than the dataset
         fixed_y = labels[:batch]

@@ -13,6 +13,7 @@ batched kernel over the whole batch: no PIL, no Python loop over images.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -78,14 +79,16 @@ def geometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor:
     return warp(x, angle, zoom, tx, ty)
 
 
-_BLUR = torch.tensor([1.0, 2.0, 1.0]) / 4
+@functools.cache
+def blur_kernel(device: torch.device) -> torch.Tensor:
+    """The 3x3 binomial kernel, copied to ``device`` once: a copy per batch would make the host wait for the GPU."""
+    k = torch.tensor([1.0, 2.0, 1.0]) / 4
+    return (k[:, None] * k[None, :])[None, None].to(device)
 
 
 def blur3(x: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur (binomial kernel), edges replicated."""
-    k = _BLUR.to(x.device)
-    kernel = (k[:, None] * k[None, :])[None, None]
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur_kernel(x.device))
 
 
 def photometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor:
@@ -108,9 +111,8 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None,
     """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented (``policy`` None: only converted)."""
     if policy is not None and policy.equalize_p:
         equalize = torch.rand(len(images), device=images.device, generator=generator) < policy.equalize_p
-        if equalize.any():  # equalize only the chosen samples: histograms are the costly part
-            images = images.clone()
-            images[equalize] = TF.equalize(images[equalize])
+        # every sample equalized, the chosen ones kept: picking them first would read the choice back
+        images = torch.where(equalize[:, None, None, None], TF.equalize(images), images)
     x = images.float().div_(255)
     if policy is None:
         return x

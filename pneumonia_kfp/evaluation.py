@@ -52,19 +52,6 @@ def ui_scalars(r: dict) -> dict[str, float]:
             if v is not None and math.isfinite(v)}
 
 
-def predict_probs(model, images, mean: float, std: float, tta: bool = False) -> np.ndarray:
-    """P(positive) for uint8 images; with ``tta`` the mean over augmentation.TTA_VIEWS."""
-    import torch
-
-    from pneumonia_kfp.augmentation import TTA_VIEWS, tta_view
-    from pneumonia_kfp.backbones import predict
-
-    if not tta:
-        return predict(model, images, mean, std)
-    images = torch.as_tensor(images)
-    return np.mean([predict(model, tta_view(images, view), mean, std) for view in TTA_VIEWS], axis=0)
-
-
 def predictions_block(entries: list[dict], labels, prob) -> dict:
     """Per-image predictions of one split: file (path in the dataset), patient, label, probability."""
     return {"file": [e["path"] for e in entries], "patient": [e.get("patient") for e in entries],
@@ -140,22 +127,22 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
 
     ``model_path``: a model directory written by train (or its checkpoint file).
     """
-    import torch
-
+    from pneumonia_kfp.backbones import predict
     from pneumonia_kfp.data import StoredDataset
+    from pneumonia_kfp.device import select_device
 
     ds = StoredDataset(dataset_uri)
     x, y, entries = ds.split("test")
     if len(set(y.tolist())) < 2:  # sensitivity, specificity and AUC need both classes
         raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
                         f"the test split needs images of each of {', '.join(ds.classes)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = _load(model_path, device)  # after the data check: a bad test split fails before any model loads
+    # after the data check: a bad test split fails before any model loads
+    model, meta = _load(model_path, select_device())
     tta = meta.get("tta", False)
-    predictions = {"test": predictions_block(entries, y, predict_probs(model, x, meta["mean"], meta["std"], tta))}
+    predictions = {"test": predictions_block(entries, y, predict(model, x, meta["mean"], meta["std"], tta))}
     if external_data:
         ex, ey, ee = load_folder(external_data, meta["image_size"], meta["classes"])
-        predictions["external"] = predictions_block(ee, ey, predict_probs(model, ex, meta["mean"], meta["std"], tta))
+        predictions["external"] = predictions_block(ee, ey, predict(model, ex, meta["mean"], meta["std"], tta))
     return model_document(meta, sum(p.numel() for p in model.parameters()), predictions)
 
 
@@ -249,15 +236,14 @@ def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndar
 def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
     """``pneumonia-kfp evaluate``: score a trained model on any ImageFolder; write OUT/results.json,
     report.md, report.html and predictions.csv in the pipeline's contract."""
-    import torch
-
+    from pneumonia_kfp.backbones import predict
+    from pneumonia_kfp.device import select_device
     from pneumonia_kfp.report import report, write_outputs
 
     out = Path(output)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = _load(model_path, device)
+    model, meta = _load(model_path, select_device())
     x, y, entries = load_folder(data, meta["image_size"], meta["classes"])
-    prob = predict_probs(model, x, meta["mean"], meta["std"], meta.get("tta", False))
+    prob = predict(model, x, meta["mean"], meta["std"], meta.get("tta", False))
     doc = model_document(meta, sum(p.numel() for p in model.parameters()),
                          {"test": predictions_block(entries, y, prob)})
     counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}

@@ -52,9 +52,13 @@ def save(store: Store, state: dict) -> None:
     store.put_bytes("last.pt", HEADER + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 
 
-def load(store: Store, device) -> dict | None:
+def load(store: Store) -> dict | None:
     """The saved state, verified; None when there is none, or when it is damaged (with a warning:
-    training starts over rather than resume from bytes that are not what was saved)."""
+    training starts over rather than resume from bytes that are not what was saved).
+
+    Tensors load on the CPU: each object's load_state_dict moves them where they belong, and the
+    optimizer's ``step`` counts stay on the CPU (on the GPU each step would read them back).
+    """
     import torch
 
     try:
@@ -69,7 +73,7 @@ def load(store: Store, device) -> dict | None:
            None if hashlib.sha256(body).hexdigest() == want else "its sha256 does not match its header")
     if why is None:
         try:
-            return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+            return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
         except Exception as e:  # whatever unpickling a bad state raises: start over
             why = f"it does not load ({type(e).__name__})"
     log.warning("%s is damaged (%s): training starts over from epoch 1", store.uri_of("last.pt"), why)

@@ -56,11 +56,11 @@ class Recipe:
 
 
 def to_device(array, device):
-    """numpy -> tensor on ``device``; on CUDA through pinned memory, without blocking the host."""
+    """numpy -> tensor on ``device``, one blocking copy. Not through pinned memory: torch's pinned-memory
+    cache would keep a pinned copy of the whole training set for the rest of the run."""
     import torch
 
-    t = torch.from_numpy(array)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return torch.from_numpy(array).to(device)
 
 
 def training_batch(images, idx, generator, mean: float, std: float, policy="default"):
@@ -75,9 +75,9 @@ def training_batch(images, idx, generator, mean: float, std: float, policy="defa
 
 def training_step(model, x, y, loss_fn, optimizer, scaler):
     """One optimisation step under autocast; returns the detached loss (no device sync)."""
-    from pneumonia_kfp.backbones import device_autocast
+    from pneumonia_kfp.device import autocast
 
-    with device_autocast(x.device):
+    with autocast(x.device):
         loss = loss_fn(model(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -169,7 +169,7 @@ def run_epoch(state: TrainingState, plan: EpochPlan) -> dict:
             state.ema.update(state.model, step=first_step + step + 1)
         seen += len(idx)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {"epoch": state.epoch + 1, "train_loss": total_loss.item() / plan.steps, "images": seen,
             "seconds": seconds, "images_per_second": seen / seconds}
@@ -179,10 +179,10 @@ def validate(model, images, labels, mean: float, std: float, tta: bool = False) 
     """Validation probability of the positive class, loss (binary cross-entropy) and AUC."""
     import torch
 
-    from pneumonia_kfp.evaluation import predict_probs
+    from pneumonia_kfp.backbones import predict
     from pneumonia_kfp.metrics import auc
 
-    prob = predict_probs(model, images, mean, std, tta=tta)
+    prob = predict(model, images, mean, std, tta=tta)
     loss = float(torch.nn.functional.binary_cross_entropy(
         torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(labels).double()))
     return {"prob": prob, "val_loss": loss, "val_auc": auc(labels, prob)}
@@ -193,6 +193,7 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
     import torch
 
     from pneumonia_kfp.backbones import create_backbone
+    from pneumonia_kfp.device import amp_dtype
 
     model = create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device)
     if device.type == "cuda":
@@ -202,9 +203,10 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=0.9998, use_warmup=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    # fused: the step counts and the grad scaler's inf check stay on the device (no read-back each step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * plan_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     generator = torch.Generator(device=device).manual_seed(seed)
     return TrainingState(model, ema, optimizer, scheduler, scaler, generator)
 
@@ -246,19 +248,18 @@ def train(
     """
     import torch
 
+    from pneumonia_kfp import device as devices
     from pneumonia_kfp.backbones import grayscale_normalization, save_checkpoint
     from pneumonia_kfp.telemetry import TrainTelemetry
 
     check_run_params({"backbones": [backbone], "epochs": epochs, "batch_size": batch_size,
                       "learning_rate": learning_rate, "seed": seed, "threshold_rule": threshold_rule, "tta": tta})
+    device = devices.select_device()  # first: a GPU task without a usable GPU fails before any work
     torch.manual_seed(seed)
     ds = StoredDataset(dataset_uri)
     if len(ds.classes) != 2:
         raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
     (tx, ty), (vx, vy, val_entries), val_source = train_val_split(ds, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     # the whole uint8 training set lives on the device; batches are indexed there
     images, labels = to_device(tx, device), to_device(ty, device)
@@ -273,8 +274,9 @@ def train(
     states = resume.state_store(dataset_uri, {
         "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "pretrained": pretrained, "weights": weights, "recipe": asdict(recipe),
+        **devices.identity(device),
     })
-    saved = resume.load(states, device)
+    saved = resume.load(states)
     if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
         state.load_state_dict(saved)
         log.warning("%s: resuming after epoch %d from %s", backbone, state.epoch, states.uri_of("last.pt"))

@@ -56,7 +56,7 @@ MODULES = {
         "pneumonia_kfp/training.py", ["x_train_val_split", "x_train", "x_improves", "x_select"],
         ["tests/test_train_evaluate_report.py::test_small_val_is_a_patient_grouped_carve_out",
          "tests/test_splits.py", "tests/test_training_decisions.py"],
-        skip=[r"^(?!.*(\bbest\b|threshold|val_auc|val_loss|\bheld\b|MIN_VAL|VAL_FRACTION|concatenate|"
+        skip=[r"^(?!.*(\bbest\b|threshold|val_auc|val_loss|\bheld\b|MIN_VAL|VAL_FRACTION|concatenate|identity\(|"
               r"\"(backbone|epochs|batch_size|learning_rate|seed|pretrained|weights|recipe)\": )).*$"]),
     "report": Module(
         "pneumonia_kfp/report.py", ["x_best_model", "x_combine", "x_*ensemble*"],
@@ -83,6 +83,9 @@ MODULES = {
          "tests/test_storage_config.py::test_resume_does_not_mistake_access_denied_for_no_state",
          "tests/test_resume_and_evaluate_checks.py",
          "tests/test_train_evaluate_report.py::test_resume_key_follows_the_code"]),
+    "device": Module(
+        "pneumonia_kfp/device.py", ["x_*"],
+        ["tests/test_device.py"]),
     "settings": Module(
         "pneumonia_kfp/pipelines/settings.py", ["x_load", "x__set", "x__convert", "x__flatten", "x_from_args"],
         ["tests/test_kubeflow_compile.py::test_settings_file_env_and_flags_layer_in_that_order",

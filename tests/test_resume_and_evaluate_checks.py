@@ -25,8 +25,19 @@ def states(tmp_path):
 
 def test_a_saved_state_loads_back(states):
     store, state, _ = states
-    loaded = resume.load(store, "cpu")
+    loaded = resume.load(store)
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_a_state_saved_on_a_gpu_loads_on_the_cpu(states, monkeypatch):
+    """Every tensor comes back on the CPU, whatever device saved it (each load_state_dict then moves its
+    own: the optimizer's step counts, left on a GPU, would be read back every step)."""
+    store, state, _ = states
+    with monkeypatch.context() as m:  # torch.save records each tensor's device: here, a GPU's
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        resume.save(store, {**state, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}})
+    loaded = resume.load(store)
+    assert loaded["optimizer"]["state"][0]["step"].device.type == "cpu" and loaded["model"]["w"].device.type == "cpu"
 
 
 def checksummed(body: bytes) -> bytes:
@@ -67,14 +78,14 @@ def test_a_damaged_state_is_not_used_and_training_starts_over(states, damage, wh
     assert data.startswith(b"pneumonia-kfp-state") == (damage != "old format")
     path.write_bytes(data)
     with caplog.at_level(logging.WARNING):
-        assert resume.load(store, "cpu") is None
+        assert resume.load(store) is None
     assert f"last.pt is damaged ({why}): training starts over from epoch 1" in caplog.text
 
 
 def test_a_state_written_by_hand_in_the_documented_layout_loads(states):
     store, _, path = states
     path.write_bytes(checksummed(torch_bytes({"epoch": 7})))
-    assert resume.load(store, "cpu") == {"epoch": 7}
+    assert resume.load(store) == {"epoch": 7}
 
 
 def test_the_state_store_is_keyed_by_every_part_of_the_identity(tmp_path):

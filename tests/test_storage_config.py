@@ -10,7 +10,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from pneumonia_kfp import resume
 from pneumonia_kfp.pipelines.cli import main
@@ -128,13 +127,13 @@ def test_missing_object_or_bucket_is_missing(endpoint, code):
     with pytest.raises(StorageError, match=f"does not exist \\({code}\\)") as e:
         store.get_bytes("manifest.json")
     assert e.value.code == code
-    assert resume.load(store, torch.device("cpu")) is None  # no saved state: train starts afresh
+    assert resume.load(store) is None  # no saved state: train starts afresh
 
 
 def test_resume_does_not_mistake_access_denied_for_no_state(endpoint):
     endpoint(403, "AccessDenied")
     with pytest.raises(StorageError, match="AccessDenied"):
-        resume.load(open_store("s3://bucket/checkpoints/abc"), torch.device("cpu"))
+        resume.load(open_store("s3://bucket/checkpoints/abc"))
 
 
 def test_access_denied_through_the_cli_is_one_line(endpoint, image_folder, capsys):

@@ -1,6 +1,7 @@
 """train's decisions, checked against what the test works out from the checkpoint itself:
 the validation split used, the threshold (Youden's J on the validation probabilities), the best
-epoch and its tie-break, and the resume identity (every training setting changes it)."""
+epoch and its tie-break, and the resume identity (every training setting changes it, and so do the
+device's autocast dtype and the deterministic switch)."""
 import logging
 
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from pneumonia_kfp import device as devices
 from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.data import StoredDataset
-from pneumonia_kfp.evaluation import predict_probs
+from pneumonia_kfp.device import DETERMINISTIC_ENV
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.metrics import bootstrap_ci
 from pneumonia_kfp.storage import open_store
@@ -122,8 +124,8 @@ def test_with_tta_the_threshold_and_validation_report_use_the_tta_predictions(ow
                  threshold_rule="youden")
     vx, vy, _ = StoredDataset(own_val["uri"]).split("val")
     model, ckpt = load_checkpoint(tmp_path / "m.pt")
-    prob = predict_probs(model, vx, ckpt["mean"], ckpt["std"], tta=True)
-    plain = predict_probs(model, vx, ckpt["mean"], ckpt["std"])
+    prob = predict(model, vx, ckpt["mean"], ckpt["std"], tta=True)
+    plain = predict(model, vx, ckpt["mean"], ckpt["std"])
     assert not np.allclose(prob, plain)  # the premise: the views change the predictions
     assert meta["tta"] is True and meta["threshold"] == pytest.approx(youden(vy, prob), abs=1e-6)
     assert meta["val"]["auc"] == pytest.approx(roc_auc_score(vy, prob), abs=1e-6)
@@ -178,14 +180,20 @@ def test_the_same_settings_resume_the_same_state(no_val, identity_store, tmp_pat
 
 
 @pytest.mark.parametrize("setting", ["backbone", "epochs", "batch_size", "learning_rate", "seed", "pretrained",
-                                     "weights", "recipe", "dataset"])
+                                     "weights", "recipe", "dataset", "autocast", "deterministic"])
 def test_every_training_setting_changes_the_resume_identity(setting, no_val, own_val, identity_store, weights,
-                                                            tmp_path, caplog):
+                                                            tmp_path, caplog, monkeypatch, request):
+    if setting == "autocast":  # the V100/T4 path on the CPU: fp16 autocast, so a grad scaler with state
+        monkeypatch.setattr(devices, "amp_dtype", lambda device: torch.float16)
+    if setting == "deterministic":
+        monkeypatch.setenv(DETERMINISTIC_ENV, "1")
+        request.addfinalizer(lambda: torch.use_deterministic_algorithms(False))
     changed = {"backbone": {"backbone": "test_efficientnet"}, "epochs": {"epochs": 2}, "batch_size": {"batch_size": 4},
                "learning_rate": {"learning_rate": 2e-3}, "seed": {"seed": 1},
                "pretrained": {"pretrained": True, "weights": weights[0]},
                "weights": {"pretrained": True, "weights": weights[2]},
-               "recipe": {"recipe": Recipe(label_smoothing=0.0)}, "dataset": {"dataset": own_val["uri"]}}[setting]
+               "recipe": {"recipe": Recipe(label_smoothing=0.0)}, "dataset": {"dataset": own_val["uri"]},
+               "autocast": {}, "deterministic": {}}[setting]
     if setting == "weights":  # against another weights file, not the base settings (any test order)
         _train(no_val, tmp_path / "w1.pt", pretrained=True, weights=weights[1])
         caplog.clear()
