@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
+from pneumonia_kfp.device import REQUIRE_GPU_ENV
 from pneumonia_kfp.pipelines.settings import Resources, Settings, Train
 from pneumonia_kfp.storage import ACCESS_KEY_ENV, CREATE_BUCKET_ENV, ENDPOINT_ENV, SECRET_KEY_ENV
 
@@ -44,6 +45,7 @@ def use_store(task, settings: Settings) -> None:
 def schedule_training(task, t: Train) -> None:
     if t.accelerator_count:
         task.set_accelerator_type(t.accelerator).set_accelerator_limit(t.accelerator_count)
+        task.set_env_variable(REQUIRE_GPU_ENV, "1")  # a GPU that CUDA cannot use fails the task, no CPU fallback
     for toleration in t.tolerations:
         kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
                                   value=toleration.get("value"), effect=toleration.get("effect"),

@@ -4,8 +4,8 @@ Nothing here changes what the pipeline computes, only where and how its pods run
 engineer sets all of it without editing code. Later sources win:
 
     defaults below  <  YAML/JSON file (--settings FILE or $PNEUMONIA_KFP_SETTINGS)
-                    <  environment (PNEUMONIA_KFP_<KEY>, e.g. PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT=2)
-                    <  command line (--image IMAGE, --set train.accelerator_count=2)
+                    <  environment (PNEUMONIA_KFP_<KEY>, e.g. PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT=0)
+                    <  command line (--image IMAGE, --set train.accelerator_count=0)
 
 Keys are dotted paths into :class:`Settings` (``image``, ``minio.secret``, ``train.tolerations``);
 list and dict values given as text are YAML (``--set 'train.node_selector={gpu: a100}'``); one extra
@@ -68,7 +68,7 @@ class Ingest(Resources):
 @dataclass
 class Train(Resources):
     accelerator: str = "nvidia.com/gpu"
-    accelerator_count: int = 1  # 0: train on CPU
+    accelerator_count: int = 1  # 0: train on CPU; at most 1
     tolerations: list = field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     node_selector: dict = field(default_factory=dict)
@@ -126,7 +126,8 @@ class Settings:
                 _check(f"{key}.{name}", getattr(r, name), lambda v: not v or MEMORY.match(v),
                        "a memory quantity like 512Mi or 16Gi")
         t = self.train
-        _check("train.accelerator_count", t.accelerator_count, lambda v: v >= 0, "0 or more")
+        # a task trains on one GPU: nothing would use a second one until training runs distributed
+        _check("train.accelerator_count", t.accelerator_count, lambda v: v in (0, 1), "0 (CPU) or 1 (one GPU)")
         _check("train.retries", t.retries, lambda v: v >= 0, "0 or more")
         _check("train.shm_size", t.shm_size, lambda v: MEMORY.match(v), "a memory quantity like 8Gi")
         for name in ("retry_backoff", "retry_backoff_max"):
@@ -247,7 +248,7 @@ def load(file: str | None = None, overrides: Iterable[str] = (), environ: Mappin
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.accelerator_count=2")
+            raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.accelerator_count=0")
         _set(settings, key.strip(), value)
     return settings.validate()
 
@@ -258,7 +259,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image", help="container image of every task: registry/name (tagged with this checkout's "
                         f"{IMAGE_TAG}), registry/name:tag or @sha256:...")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="one setting, e.g. train.accelerator_count=2, minio.secret=my-minio or env.NAME=value "
+                        help="one setting, e.g. train.accelerator_count=0, minio.secret=my-minio or env.NAME=value "
                         "(repeatable)")
 
 

@@ -125,8 +125,9 @@ def test_store_credentials_come_from_the_secret_only(compiled):
         assert {m.secret_key: m.env_var for m in secret.key_to_env} == {
             "accesskey": "MINIO_ACCESS_KEY", "secretkey": "MINIO_SECRET_KEY"}
         env = {e.name: e.value for e in parse_container(spec, name).env}
-        # Kubeflow's bucket is not ours: the tasks never check for it or create it
-        assert env == {"MINIO_ENDPOINT": "minio-service.kubeflow:9000", "MINIO_CREATE_BUCKET": "false"}
+        # Kubeflow's bucket is not ours: the tasks never check for it or create it; train has its GPU
+        assert env == {"MINIO_ENDPOINT": "minio-service.kubeflow:9000", "MINIO_CREATE_BUCKET": "false",
+                       **({"PNEUMONIA_KFP_REQUIRE_GPU": "1"} if name == "exec-train-op" else {})}
     for value in CREDENTIALS.values():
         assert value not in text
 
@@ -190,19 +191,19 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
         "storage": "s3://team-bucket/{namespace}/xray",
         "image_pull_secrets": ["regcred"],
         "ingest": {"cache": False},
-        "train": {"accelerator_count": 4, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "train": {"accelerator_count": 0, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                   "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoExecute",
                                    "tolerationSeconds": 600}],
                   "cpu_limit": 16, "shm_size": "16Gi", "retries": 5},
     }))
-    monkeypatch.setenv("PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT", "2")  # env beats the file
+    monkeypatch.setenv("PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT", "1")  # env beats the file
     monkeypatch.setenv("PNEUMONIA_KFP_IMAGE", "registry.example.com/from-env:2")
     spec, k8s, _ = compile_spec(tmp_path, "--settings", str(settings), "--set", "train.retries=0", "--image", IMAGE,
                                 "--set", "env.HTTPS_PROXY=http://proxy:3128", "--set", "minio.create_bucket=true")
 
     assert parse_container(spec, "exec-train-op").image == IMAGE  # flags beat env
     train_resources = parse_container(spec, "exec-train-op").resources
-    assert train_resources.accelerator.resource_count == "2" and train_resources.resource_cpu_limit == "16"
+    assert train_resources.accelerator.resource_count == "1" and train_resources.resource_cpu_limit == "16"
     assert not loop_tasks(spec)[1]["train-op"].HasField("retry_policy")
     assert not spec.root.dag.tasks["ingest-op"].caching_options.enable_cache
 
@@ -219,13 +220,16 @@ def test_settings_file_env_and_flags_layer_in_that_order(tmp_path, monkeypatch):
             "AWS_ACCESS_KEY_ID": "MINIO_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY": "MINIO_SECRET_KEY"}
         assert {e.name: e.value for e in parse_container(spec, name).env} == {
             "MINIO_ENDPOINT": "https://minio.storage:9000", "PNEUMONIA_KFP_PUSHGATEWAY": "pushgateway.monitoring:9091",
-            "HTTPS_PROXY": "http://proxy:3128"}  # and no MINIO_CREATE_BUCKET: this store's bucket is ours
+            "HTTPS_PROXY": "http://proxy:3128",  # and no MINIO_CREATE_BUCKET: this store's bucket is ours
+            **({"PNEUMONIA_KFP_REQUIRE_GPU": "1"} if name == "exec-train-op" else {})}
     assert all([p.secret_name for p in k8s[name].image_pull_secret] == ["regcred"] for name in k8s)
 
 
 def test_cpu_only_training(tmp_path):
     spec, _, _ = compile_spec(tmp_path, "--set", "train.accelerator_count=0")
-    assert not parse_container(spec, "exec-train-op").resources.HasField("accelerator")
+    train = parse_container(spec, "exec-train-op")
+    assert not train.resources.HasField("accelerator")
+    assert "PNEUMONIA_KFP_REQUIRE_GPU" not in {e.name for e in train.env}  # a CPU task may train on the CPU
 
 
 @pytest.mark.parametrize("args, message", [
@@ -233,7 +237,8 @@ def test_cpu_only_training(tmp_path):
     (["--image", "registry.example.com/pneumonia-kfp:"], "pin the image with a tag or digest"),
     (["--set", "train.gpus=2"], "unknown setting 'train.gpus'; known: env, evaluate.cpu_limit"),
     (["--set", "train.memory_limit=32GB"], "train.memory_limit='32GB': expected a memory quantity"),
-    (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 or more"),
+    (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 (CPU) or 1 (one GPU)"),
+    (["--set", "train.accelerator_count=2"], "train.accelerator_count=2: expected 0 (CPU) or 1 (one GPU)"),
     (["--set", "train.tolerations=[{key: a, effects: NoSchedule}]"], "train.tolerations[0]="),
     (["--set", "train.tolerations=[{key: a, operator: Equals}]"], "operator Equal|Exists"),
     (["--set", "env={MINIO_ENDPOINT: x:9000}"], "set minio.endpoint instead"),

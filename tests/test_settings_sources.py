@@ -27,11 +27,11 @@ def test_defaults_without_any_source():
 
 def test_json_file_from_the_environment_variable(tmp_path):
     f = tmp_path / "settings.json"
-    f.write_text(json.dumps({"image": IMAGE, "train": {"accelerator_count": 3, "retry_backoff_factor": 3,
+    f.write_text(json.dumps({"image": IMAGE, "train": {"accelerator_count": 0, "retry_backoff_factor": 3,
                                                          "node_selector": {"pool": "gpu"}},
                              "minio": {"secret": "team-minio"}, "ingest.cache": False}))
     s = load(environ={"PNEUMONIA_KFP_SETTINGS": str(f)})
-    assert s.image == IMAGE and s.train.accelerator_count == 3 and s.minio.secret == "team-minio"
+    assert s.image == IMAGE and s.train.accelerator_count == 0 and s.minio.secret == "team-minio"
     assert s.train.retry_backoff_factor == 3.0 and isinstance(s.train.retry_backoff_factor, float)
     assert s.train.node_selector == {"pool": "gpu"} and s.ingest.cache is False  # dotted keys work in files too
     assert s.train.retries == 2  # untouched keys keep their defaults
@@ -39,18 +39,18 @@ def test_json_file_from_the_environment_variable(tmp_path):
 
 def test_every_layer_overrides_the_one_before(tmp_path):
     env_file = tmp_path / "from-env.yaml"
-    env_file.write_text("train:\n  retries: 7\n  accelerator_count: 5\nminio:\n  secret: env-file-secret\n")
+    env_file.write_text("train:\n  retries: 7\n  accelerator_count: 0\nminio:\n  secret: env-file-secret\n")
     flag_file = tmp_path / "from-flag.yaml"
-    flag_file.write_text("train:\n  retries: 4\n  accelerator_count: 3\n  cpu_limit: 6\n")
-    environ = {"PNEUMONIA_KFP_SETTINGS": str(env_file), "PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT": "2",
+    flag_file.write_text("train:\n  retries: 4\n  accelerator_count: 1\n  cpu_limit: 6\n")
+    environ = {"PNEUMONIA_KFP_SETTINGS": str(env_file), "PNEUMONIA_KFP_TRAIN_ACCELERATOR_COUNT": "0",
                "PNEUMONIA_KFP_TRAIN_SHM_SIZE": "4Gi"}
     s = load(str(flag_file), ["train.shm_size=2Gi"], environ=environ)
     assert s.train.retries == 4  # the --settings file replaces $PNEUMONIA_KFP_SETTINGS's file entirely
     assert s.minio.secret == "mlpipeline-minio-artifact"
     assert s.train.cpu_limit == "6"  # a YAML number for a quantity is the quantity's text
-    assert s.train.accelerator_count == 2  # environment beats the file
+    assert s.train.accelerator_count == 0  # environment beats the file
     assert s.train.shm_size == "2Gi"  # --set beats the environment
-    assert load(str(flag_file), ["train.accelerator_count=9"], environ=environ).train.accelerator_count == 9
+    assert load(str(flag_file), ["train.accelerator_count=1"], environ=environ).train.accelerator_count == 1
 
 
 def test_the_cli_flags(tmp_path, monkeypatch):
