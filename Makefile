@@ -11,7 +11,7 @@ BACKBONES ?= resnet18,efficientnet_b3
 EPOCHS ?= 2
 IMAGE_SIZE ?= 64
 
-.PHONY: setup system-packages run test lint mutation compile image base-image lock clean
+.PHONY: setup system-packages run test test-image lint mutation compile image base-image lock clean
 
 # torch's build alone is ~5.5 GB: say so up front instead of failing midway with ENOSPC
 SETUP_FREE_GB ?= 8
@@ -37,8 +37,20 @@ run: setup $(if $(filter docker,$(RUNNER)),image)
 system-packages:
 	@scripts/system-packages.sh
 
+# The tests run the pipeline in this checkout's image too: start the Docker engine (stopped again after,
+# if this started it), build the image on the Debian base (Docker Hub may be out of reach), then drop what
+# the build left dangling (older images of the tag, build cache) so repeated runs do not fill the disk.
+TEST_BASE_IMAGE ?= $(DEBIAN_BASE)
 test: setup system-packages
-	$(BIN)/python -m pytest -q
+	scripts/docker-engine.sh start
+	status=0; $(MAKE) --no-print-directory test-image && $(BIN)/python -m pytest -q || status=$$?; \
+	  scripts/docker-engine.sh stop; exit $$status
+
+test-image: setup
+	$(if $(filter $(DEBIAN_BASE),$(TEST_BASE_IMAGE)),images/base-image.sh $(DEBIAN_BASE))
+	$(MAKE) --no-print-directory image BASE_IMAGE=$(TEST_BASE_IMAGE) IMAGE= REGISTRY=
+	docker image prune -f >/dev/null
+	docker builder prune -f >/dev/null
 
 lint: setup
 	$(BIN)/ruff check .

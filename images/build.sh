@@ -12,7 +12,8 @@ PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 
 builder=() about=""
-for cli in docker /usr/bin/docker; do
+# the CLIs to try, in order (Debian's docker.io CLI sits in /usr/bin, often behind a newer one on PATH)
+for cli in ${DOCKER_CLIS:-docker /usr/bin/docker}; do
     command -v "$cli" >/dev/null || continue
     if ! "$cli" version --format '{{.Server.Version}}' >/dev/null 2>&1; then
         echo "make image: the Docker daemon does not answer ($cli version); start it: scripts/docker-engine.sh start" >&2

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests use as real parts, once: a Prometheus pushgateway (metric
-# tests) and headless Chromium (the HTML report). Idempotent: nothing happens when both are present.
+# Install the Debian packages the tests use as real parts, once: a Prometheus pushgateway (metric tests),
+# headless Chromium (the HTML report), the Docker engine and debootstrap (the image, its Debian base, and
+# the pipeline run in containers). Idempotent: nothing happens when every command is present.
 set -euo pipefail
-PACKAGES="prometheus-pushgateway chromium"
+# package:command
+PACKAGES="prometheus-pushgateway:prometheus-pushgateway chromium:chromium docker.io:dockerd debootstrap:debootstrap"
 missing=""
-for cmd in $PACKAGES; do command -v "$cmd" >/dev/null || missing="$missing $cmd"; done
+for entry in $PACKAGES; do command -v "${entry#*:}" >/dev/null || missing="$missing ${entry%%:*}"; done
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ]; then SUDO=""
 elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"

@@ -6,6 +6,7 @@ No Docker engine here: the build itself runs where `make image` is run."""
 import hashlib
 import importlib
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pneumonia_kfp import __version__
-from pneumonia_kfp.components.kfp_defaults import IMAGE_TAG, LOCK_HASH
+from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE, IMAGE_TAG, LOCK_HASH
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "images" / "Dockerfile"
@@ -77,14 +78,16 @@ def test_default_image_tag_is_version_and_lock_hash():
     assert IMAGE_TAG == f"{__version__}-{LOCK_HASH}"
     result = subprocess.run(["make", "-n", "image", "REGISTRY=registry.example.com/team"], cwd=ROOT,
                             capture_output=True, text=True, check=True)
-    assert f"-t registry.example.com/team/pneumonia-kfp:{IMAGE_TAG} ." in " ".join(result.stdout.split())
+    commands = " ".join(result.stdout.split())
+    assert f"images/build.sh {BASE_IMAGE}" in commands and BASE_IMAGE.endswith(f":{IMAGE_TAG}")
+    assert f"docker push registry.example.com/team/pneumonia-kfp:{IMAGE_TAG} " in commands
 
 
 def test_make_setup_installs_the_lock():
     result = subprocess.run(["make", "-n", "-B", ".venv/bin/.installed"], cwd=ROOT, capture_output=True, text=True,
                             check=True)
-    commands = [" ".join(line.split()) for line in result.stdout.splitlines()]
-    assert ".venv/bin/pip install --quiet -r requirements.lock -e .[dev]" in [c.replace("'", "") for c in commands]
+    commands = [" ".join(line.split()).replace("'", "") for line in result.stdout.splitlines()]
+    assert ".venv/bin/pip install --quiet -r requirements.lock -e .[dev,docker]" in commands
     assert ".venv/bin/pip check" in commands
 
 
@@ -116,7 +119,8 @@ def test_dockerfile_installs_the_lock_on_the_tests_python_and_checks_itself():
     lock_step = next(r for r in runs if "requirements.lock" in r and "-r" in r)
     assert "source=requirements.lock" in lock_step and "pip install --no-cache-dir -r /tmp/requirements.lock" \
         in lock_step
-    project_step = runs[runs.index(lock_step) + 1]
+    project_step = next(r for r in runs if "/src" in r)
+    assert runs.index(project_step) > runs.index(lock_step)
     # the project without resolving again, then pip check and the import check against the lock
     assert "pip install --no-cache-dir --no-deps /src && pip check && python -c" in project_step
     assert "/src/requirements.lock" in project_step and "import torch" in project_step
@@ -136,7 +140,6 @@ def test_build_context_holds_only_what_the_build_reads():
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "set REGISTRY=registry/path"),
     (["IMAGE=registry.example.com/pneumonia-kfp:latest"], "not :latest"),
     (["IMAGE=registry.example.com:5000/pneumonia-kfp"], "has no tag"),
 ])
@@ -145,11 +148,56 @@ def test_make_image_refuses_unpinned_references(args, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-def test_make_image_builds_and_pushes_that_reference():
+def test_make_image_builds_this_checkouts_tag_then_pushes_that_reference():
     result = subprocess.run(["make", "-n", "image", "IMAGE=registry.example.com:5000/pneumonia-kfp:0.1.0"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
-    commands = [" ".join(line.split()) for line in result.stdout.splitlines()
-                if line.startswith(("DOCKER_BUILDKIT", "docker"))]
+    commands = [" ".join(line.split()) for line in result.stdout.splitlines() if "images/build.sh" in line
+                or line.startswith("docker")]
     assert commands == [
-        "DOCKER_BUILDKIT=1 docker build -f images/Dockerfile -t registry.example.com:5000/pneumonia-kfp:0.1.0 .",
-        "docker push registry.example.com:5000/pneumonia-kfp:0.1.0"]
+        f"PYTHON=.venv/bin/python BASE_IMAGE= images/build.sh {BASE_IMAGE}",
+        f"docker tag {BASE_IMAGE} registry.example.com:5000/pneumonia-kfp:0.1.0 && docker push "
+        "registry.example.com:5000/pneumonia-kfp:0.1.0 && echo \"pushed registry.example.com:5000/pneumonia-kfp:0.1.0; "
+        "compile or submit with --image registry.example.com:5000/pneumonia-kfp:0.1.0\""]
+    local = subprocess.run(["make", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"images/build.sh {BASE_IMAGE}" in local and "docker push" not in local  # no REGISTRY: built here only
+
+
+FAKE_DOCKER = """#!/bin/sh
+# a docker CLI of version $VERSION, with or without buildx; records what it was asked to do
+case "$1" in
+version) case "$3" in *Server*) echo 20.10.24;; *) echo "$VERSION";; esac;;
+buildx) [ "$BUILDX" = yes ] || exit 1; [ "$2" = version ] && echo "github.com/docker/buildx v0.20.0" \
+        || echo "$DOCKER_BUILDKIT $*" >> "$RECORD";;
+build) echo "$DOCKER_BUILDKIT $*" >> "$RECORD";;
+*) exit 1;;
+esac
+"""
+
+
+@pytest.mark.parametrize("clis, expected, about", [
+    ([("28.2.2", "yes")], "buildx build --load --network host -f images/Dockerfile", "BuildKit through buildx"),
+    ([("28.2.2", "no"), ("20.10.24", "no")], "1 build --network host -f images/Dockerfile",
+     "BuildKit built into the docker 20.10.24 CLI"),
+    ([("28.2.2", "no")], None, "no BuildKit builder: install the buildx plugin"),
+])
+def test_image_build_picks_a_buildkit_builder_and_says_which(tmp_path, clis, expected, about):
+    """buildx where the CLI has it; else a pre-23 CLI (BuildKit built in) with DOCKER_BUILDKIT=1; else one line.
+    A 23+ CLI without buildx is never asked to build (it refuses BuildKit builds)."""
+    paths = []
+    for i, (version, buildx) in enumerate(clis):
+        cli = tmp_path / f"docker{i}"
+        cli.write_text(FAKE_DOCKER.replace("$VERSION", version).replace('"$BUILDX"', f'"{buildx}"'))
+        cli.chmod(0o755)
+        paths.append(str(cli))
+    env = {**os.environ, "DOCKER_CLIS": " ".join(paths), "RECORD": str(tmp_path / "record"), "PYTHON": sys.executable}
+    env.pop("DOCKER_BUILDKIT", None)
+    result = subprocess.run([str(ROOT / "images" / "build.sh"), "example/pneumonia-kfp:test"], env=env,
+                            capture_output=True, text=True)
+    assert about in result.stdout + result.stderr
+    if expected is None:
+        assert result.returncode == 2 and not (tmp_path / "record").exists()
+        return
+    assert result.returncode == 0, result.stderr
+    recorded = (tmp_path / "record").read_text()
+    assert expected in recorded and "-t example/pneumonia-kfp:test" in recorded
+    assert "--build-arg SOURCE_DIGEST=" in recorded and recorded.count("\n") == 1
