@@ -1,11 +1,13 @@
 """run-local --runner docker: every task in the project's image through kfp's DockerRunner, as on a cluster.
 
 The tasks see what a cluster Pod sees: the image's code (never the checkout's), a read-only root
-filesystem with a writable /tmp, the caller's uid:gid, /dev/shm sized like the cluster's train task,
+filesystem with a writable /tmp (exec allowed, like an emptyDir: torch.compile loads what it builds
+there), the caller's uid:gid, /dev/shm sized like the cluster's train task,
 and the host network (so an S3 endpoint on localhost works). Data is mounted read-only, OUT and a
 ``file://`` store read-write, each at the path it has here, so every path in results.json is true on
 both sides. With ``--gpus``, GPU tasks get NVIDIA devices through ``device_requests``; with several
-GPUs, each running task gets one of its own.
+GPUs, each running task gets one of its own. Task containers carry the run's label, so a stopped run
+removes them (they are the engine's children, not run-local's).
 
 The image must hold this checkout's code: ``make image`` labels it with :func:`source_digest`, and a
 run refuses an image whose label differs, with the command that rebuilds it.
@@ -20,11 +22,11 @@ import shutil
 import threading
 from pathlib import Path
 
+from pneumonia_kfp.device import REQUIRE_GPU_ENV  # set on GPU tasks: they refuse to fall back to the CPU
 from pneumonia_kfp.errors import UsageError
 
 SOURCE_LABEL = "io.pneumonia-kfp.source"  # the source digest `make image` built from
 RUN_LABEL = "io.pneumonia-kfp.run"  # on every task container of one run-local, to stop them all
-REQUIRE_GPU_ENV = "PNEUMONIA_KFP_REQUIRE_GPU"  # set on GPU tasks: train refuses to fall back to the CPU
 GPU_STEPS = ("train_op", "evaluate_op")  # the components that use a GPU; the others never get one
 PASSED_ENV = re.compile(r"^(PNEUMONIA_KFP_|MINIO_|OMP_NUM_THREADS$)")  # the caller's settings the tasks need
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU, where NVIDIA's driver is loaded
@@ -69,9 +71,10 @@ def connect():
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as e:
-        if not (shutil.which("dockerd") or os.environ.get("DOCKER_HOST")):
-            raise UsageError("--runner docker: no Docker engine on this machine; install one (Debian: apt-get "
-                             "install docker.io) and start it, or use --runner subprocess") from None
+        if not shutil.which("dockerd"):
+            raise UsageError(f"--runner docker: no Docker engine answers at {host} and none is installed here; "
+                             "install one (Debian: apt-get install docker.io) and start it, or use --runner "
+                             "subprocess") from None
         raise UsageError(f"--runner docker: the Docker daemon does not answer at {host} ({_reason(e)}); start it "
                          "(scripts/docker-engine.sh start, or systemctl start docker)") from None
     return client
@@ -121,18 +124,18 @@ def gpu_ids(client, gpus: str | None) -> list[str]:
 
 
 class GpuPool:
-    """Hands each running GPU task its own GPU while there are enough, and shares them round-robin beyond."""
+    """Hands each running GPU task the least busy GPU (the lowest index among equals): its own while there
+    are enough, shared beyond."""
 
     def __init__(self, ids: list[str]):
-        self.ids, self.busy, self.turn = ids, {i: 0 for i in ids}, 0
-        self.lock = threading.Lock()
+        self.ids, self.busy = ids, {i: 0 for i in ids}
+        self.lock = threading.Lock()  # ParallelFor runs tasks from several threads
 
     @contextlib.contextmanager
     def take(self):
         with self.lock:
-            gpu = min(self.ids, key=lambda i: (self.busy[i], (self.ids.index(i) - self.turn) % len(self.ids)))
+            gpu = min(self.ids, key=lambda i: self.busy[i])  # min keeps the first of equals
             self.busy[gpu] += 1
-            self.turn += 1
         try:
             yield gpu
         finally:
@@ -148,30 +151,37 @@ def step_of(command: list[str]) -> str | None:
     return None
 
 
-def assign_gpus(pool: GpuPool):
-    """Route kfp's container start through ``pool``: a GPU task gets one GPU, the others none.
-
-    kfp's DockerRunner passes the same ``container_run_args`` to every task, so the per-task device
-    request is added where it starts the container (``docker_task_handler.run_docker_container``)."""
-    import docker
+def start_tasks_with(pool: GpuPool | None) -> None:
+    """Start kfp's task containers our way (``docker_task_handler.run_docker_container``, which kfp calls for
+    every task): a GPU task gets one GPU of ``pool`` and must use it, the others none (kfp's DockerRunner
+    passes the same arguments to every task); and the task's own exit code counts (kfp's version removes the
+    container as it exits and may then take a failed task for a succeeded one)."""
+    import docker as sdk
     from kfp.local import docker_task_handler
 
-    start = docker_task_handler.run_docker_container
-
-    def run_docker_container(client, image, command, volumes, **args):
-        if step_of(command) not in GPU_STEPS:
-            return start(client, image, command, volumes, **args)
-        with pool.take() as gpu:
-            args["device_requests"] = [docker.types.DeviceRequest(device_ids=[gpu], capabilities=[["gpu"]])]
-            args["environment"] = {**(args.get("environment") or {}), REQUIRE_GPU_ENV: "1"}
-            return start(client, image, command, volumes, **args)
+    def run_docker_container(client, image, command, volumes, **args) -> int:
+        gpu = pool.take() if pool and step_of(command) in GPU_STEPS else contextlib.nullcontext()
+        with gpu as device:
+            if device is not None:
+                args["device_requests"] = [sdk.types.DeviceRequest(device_ids=[device], capabilities=[["gpu"]])]
+                args["environment"] = {**(args.get("environment") or {}), REQUIRE_GPU_ENV: "1"}
+            print(f"Task container of image {image!r}\n")
+            container = client.containers.run(image=image, command=command, detach=True, volumes=volumes, **args)
+            try:
+                for line in container.logs(stream=True, follow=True):
+                    print(line.decode(errors="replace"), end="")  # kfp's runner indents what is printed
+                return container.wait()["StatusCode"]
+            finally:
+                with contextlib.suppress(sdk.errors.APIError):
+                    container.remove(force=True)
 
     docker_task_handler.run_docker_container = run_docker_container
 
 
 def runner(client, image: str, *, out: Path, data: str, storage: str, run_id: str, shm_size: str,
-           gpus: str | None = None):
-    """kfp's DockerRunner for one run-local: mounts, user, network, /dev/shm, environment, GPUs."""
+           gpus: str | None = None, user: str | None = None):
+    """kfp's DockerRunner for one run-local: mounts, user (default: the caller's uid:gid), network, /dev/shm,
+    environment, GPUs."""
     import docker
     from kfp import local
 
@@ -185,11 +195,10 @@ def runner(client, image: str, *, out: Path, data: str, storage: str, run_id: st
         store.mkdir(parents=True, exist_ok=True)
         if out not in store.parents and store != out:
             mounts.append(docker.types.Mount(str(store), str(store), type="bind"))
-    if pool_ids:
-        assign_gpus(GpuPool(pool_ids))
+    start_tasks_with(GpuPool(pool_ids) if pool_ids else None)
     return local.DockerRunner(
-        mounts=mounts, network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
-        read_only=True, tmpfs={"/tmp": ""}, shm_size=quantity_bytes(shm_size),
+        mounts=mounts, network_mode="host", user=user or f"{os.getuid()}:{os.getgid()}",
+        read_only=True, tmpfs={"/tmp": "exec"}, shm_size=quantity_bytes(shm_size),
         environment={k: v for k, v in os.environ.items() if PASSED_ENV.match(k)} | {"TMPDIR": "/tmp"},
         labels={RUN_LABEL: run_id}, cap_drop=["ALL"], security_opt=["no-new-privileges"])
 

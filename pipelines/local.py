@@ -324,8 +324,10 @@ def run_pipeline(params: dict, out: Path, workspace: Path, execution: dict | Non
 
     from pneumonia_kfp.pipelines.pipeline import build_pipeline
 
-    local.init(runner=task_runner(params, out, execution or {"runner": "subprocess"}),
-               pipeline_root=str(out / "kfp-root"), workspace_root=str(workspace))
+    root = out / "kfp-root"
+    root.mkdir(exist_ok=True)  # made here, not by Docker (which would make a missing bind source root's, 0755)
+    local.init(runner=task_runner(params, out, execution or {"runner": "subprocess"}), pipeline_root=str(root),
+               workspace_root=str(workspace))
     pipeline = build_pipeline(params.pop("max_parallel"))
     log_path = out / LOG_FILE
     start = time.perf_counter()
