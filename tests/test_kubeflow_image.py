@@ -118,7 +118,7 @@ def test_dockerfile_installs_the_lock_on_the_tests_python_and_checks_itself():
     runs = [" ".join(r.replace("\\\n", " ").split()) for r in re.findall(r"^RUN (.*?)(?<!\\)$", text, re.M | re.S)]
     lock_step = next(r for r in runs if "requirements.lock" in r and "-r" in r)
     assert "source=requirements.lock" in lock_step and "pip install --no-cache-dir -r /tmp/requirements.lock" \
-        in lock_step
+        in lock_step and "&& sh /tmp/slim.sh" in lock_step  # slimmed in the install's own layer
     project_step = next(r for r in runs if "/src" in r)
     assert runs.index(project_step) > runs.index(lock_step)
     # the project without resolving again, then pip check and the import check against the lock
@@ -131,7 +131,7 @@ def test_dockerfile_installs_the_lock_on_the_tests_python_and_checks_itself():
 
 def test_build_context_holds_only_what_the_build_reads():
     ignore = (ROOT / "images" / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*"):] == ["*", "!requirements.lock", "!pyproject.toml", "!README.md",
+    assert ignore[ignore.index("*"):] == ["*", "!requirements.lock", "!images/slim.sh", "!pyproject.toml", "!README.md",
                                           "!pneumonia_kfp/", "!components/", "!pipelines/", "**/__pycache__"]
     # every package directory reaches `pip install /src` (the library was missing once)
     for package in ("pneumonia_kfp", "pneumonia_kfp.components", "pneumonia_kfp.pipelines"):
