@@ -36,6 +36,32 @@ def ingest_cmd(args) -> int:
     return 0
 
 
+def gc_cmd(args) -> int:
+    from pneumonia_kfp.maintenance import gc, parse_duration
+
+    report = gc(args.storage, parse_duration(args.older_than), dry_run=args.dry_run)
+    for key in report.removed:
+        print(("would remove " if args.dry_run else "removed ") + key)
+    for line in report.skipped:
+        print(f"pneumonia-kfp gc: {line}", file=sys.stderr)
+    print(f"pneumonia-kfp gc: {'would remove' if args.dry_run else 'removed'} {len(report.removed)}, kept "
+          f"{report.kept_young} unreferenced younger than {args.older_than}", file=sys.stderr)
+    return 0
+
+
+def verify_cmd(args) -> int:
+    from pneumonia_kfp.maintenance import verify
+
+    report = verify(args.storage, args.version)
+    for line in report.problems:
+        print(line)
+    for line in report.notes:
+        print(f"pneumonia-kfp verify: note: {line}", file=sys.stderr)
+    print(f"pneumonia-kfp verify: {report.versions} version(s), {report.objects} object(s) checked: "
+          f"{len(report.problems) or 'no'} problem(s)", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
 def evaluate_cmd(args) -> int:
     from pneumonia_kfp.evaluation import evaluate_folder
 
@@ -115,6 +141,19 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")
     add_params(i, INGEST_PARAMS, required=("data", "storage"))
     i.set_defaults(func=ingest_cmd)
+
+    g = sub.add_parser("gc", help="remove what no published dataset version references (safe while ingests run)")
+    g.add_argument("--storage", required=True, help="store URI: file:///abs/path or s3://bucket/prefix")
+    g.add_argument("--older-than", default="1d", metavar="DURATION",
+                   help="grace period: only objects and unfinished uploads older than this go, e.g. 12h, 7d, 90s; "
+                   "make it longer than any ingest runs (default: 1d)")
+    g.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    g.set_defaults(func=gc_cmd)
+
+    v = sub.add_parser("verify", help="check every object of the store's dataset versions against their manifests")
+    v.add_argument("--storage", required=True, help="store URI: file:///abs/path or s3://bucket/prefix")
+    v.add_argument("--version", metavar="SHA", help="check only this version (datasets/SHA); default: all")
+    v.set_defaults(func=verify_cmd)
 
     e = sub.add_parser("evaluate", help="score a trained model on another ImageFolder (its test/ or class folders)")
     e.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")

@@ -17,6 +17,13 @@ same bytes. Re-ingesting unchanged data reads no file, the way git's index works
 size, times and inode are those recorded keeps its recorded sha256 (its content decides whenever
 they change; an s3:// source is judged by ETag), and the version's objects are checked the same
 way against the store's own stat or ETag. A damaged or missing object is rewritten in place.
+
+Any number of ingests may write into one store at once, with the same data or not, without a lock:
+packs have names no other writer uses, the tensors and the report are the same bytes whoever
+writes them, and the manifest is published last with ``Store.put_new`` (a conditional put), so the
+first complete writer's manifest stands and the others adopt it. No writer deletes an object it did
+not write, nor one that a published manifest references; what is left unreferenced is removed by
+``pneumonia-kfp gc`` (``pneumonia_kfp.maintenance``), after a grace period longer than any ingest.
 """
 from __future__ import annotations
 
@@ -27,7 +34,6 @@ import logging
 import os
 import secrets
 import stat
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -52,6 +58,7 @@ from pneumonia_kfp.data import (
 )
 from pneumonia_kfp.params import check_run_params, default, max_pixels
 from pneumonia_kfp.procs import die_with_parent, usable_cores
+from pneumonia_kfp.scratch import scratch_dir
 from pneumonia_kfp.storage import Store, open_store
 from pneumonia_kfp.telemetry import IngestTelemetry, progress
 
@@ -99,7 +106,7 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
     settings = Settings(image_size, seed, on_invalid, max_pixels())
     telemetry = IngestTelemetry()  # Prometheus pushgateway, when configured
     root = open_store(storage)
-    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+    with scratch_dir("ingest-") as tmp:
         source = open_source(data, Path(tmp) / "source")
         scan_start = time.time_ns()
         classes, files = source.scan()
@@ -117,7 +124,7 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
             if found is None:
                 writer = VersionWriter(root.child(f"datasets/{sha}"), source, classes, files, results, settings,
                                        Path(tmp))
-                found = (sha, writer.write(), writer.uploaded)
+                found = publish(root, sha, writer.write(), writer, index)
                 index.verified_now(root, sha, found[1])
         index.save()
     sha, manifest, uploaded = found
@@ -160,6 +167,27 @@ def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] |
         return None
     log.info("dataset %s is already in the store: nothing to upload", version.uri)
     return sha, manifest, 0
+
+
+def publish(root: Store, sha: str, manifest: dict, writer: VersionWriter, index: Index) -> tuple[str, dict, int]:
+    """Publish ``manifest``, whose objects are all written, unless another writer published this version
+    first: then its manifest stands when it is intact (this writer's own packs, which it references not,
+    are removed), and is replaced by this complete one when it is damaged."""
+    data = b"".join(canonical_json(manifest))
+    key = f"datasets/{sha}/manifest.json"
+    if root.put_new(key, data):
+        return sha, manifest, writer.uploaded + 1
+    published = find_version(root, sha, index)
+    if published is not None:
+        referenced = set(published[1]["objects"])
+        for name in manifest["objects"]:
+            if name.startswith("raw/") and name not in referenced:
+                writer.store.delete(name)  # this writer's own pack (a name only it uses): nobody references it
+        log.info("dataset %s was published by another ingest meanwhile: using it", root.uri_of(f"datasets/{sha}"))
+        return sha, published[1], writer.uploaded
+    log.warning("dataset %s is damaged: replacing its manifest with this ingest's", root.uri_of(f"datasets/{sha}"))
+    root.put_bytes(key, data)  # the old one's objects stay until gc: a reader holding it is not broken further
+    return sha, manifest, writer.uploaded + 1
 
 
 # --- the source ------------------------------------------------------------------------------------
@@ -283,7 +311,7 @@ class Index:
             if sig is None:
                 bad.append(key)
             elif self.objects.get(key) != list(sig):
-                if _sha256_of(root, key) == want:
+                if root.sha256(key) == want:
                     self.verified(key, sig)
                 else:
                     bad.append(key)
@@ -310,17 +338,6 @@ class Index:
         self.dirty.clear()
 
 
-def _sha256_of(store: Store, key: str, chunk: int = 64 * 1024 * 1024) -> str:
-    """sha256 of a stored object, read a range at a time (packs and tensors can be large)."""
-    digest, offset = hashlib.sha256(), 0
-    while True:
-        data = store.get_range(key, offset, chunk)
-        digest.update(data)
-        offset += len(data)
-        if len(data) < chunk:
-            return digest.hexdigest()
-
-
 # --- reading the files: one read each, in worker processes -------------------------------------------
 
 @dataclass(frozen=True)
@@ -340,7 +357,7 @@ class _Reader:
     def __init__(self, job: _Job):
         self.job, self.row_bytes = job, job.image_size * job.image_size
         self.rows = os.open(os.path.join(job.tmp, "rows.u8"), os.O_WRONLY | os.O_CLOEXEC)
-        self.pack_name = f"{secrets.token_hex(8)}.pack"
+        self.pack_name = f"{secrets.token_hex(16)}.pack"  # 128 random bits: no other writer uses it
         self.pack = open(os.path.join(job.tmp, "packs", self.pack_name), "ab")
 
     def read(self, i: int, path: str) -> FileResult:
@@ -444,6 +461,7 @@ class VersionWriter:
     uploaded: int = 0
 
     def write(self) -> dict:
+        """Write every object of the version; return its manifest, for ``publish``."""
         validation_sha, rejected = self.write_report()
         kept = [i for i, r in enumerate(self.results) if r.reason is None]
         splits, carved = self.check_and_split(kept)
@@ -460,11 +478,7 @@ class VersionWriter:
             "patients_in_train_and_test": validation.patients_in_both(entries), "synthetic": self.source.synthetic,
         }
         manifest["checksum"] = manifest_checksum(manifest)
-        self.store.put_chunks("manifest.json", canonical_json(manifest))  # last: marks completeness
-        self.uploaded += 1
-        for key in set(self.store.list("raw")) - set(objects):
-            self.store.delete(key)  # packs of an earlier, damaged or interrupted write
-        return manifest
+        return manifest  # not yet published: publish() writes it, last
 
     def write_report(self) -> tuple[str, list[dict]]:
         """validation.json: kept even when ingest stops (without a manifest the version stays invisible)."""
@@ -514,8 +528,8 @@ class VersionWriter:
         """raw/<name>.pack: the readers' packs, streamed and hashed as they are uploaded."""
         objects = {}
         for key in sorted({e["pack"] for e in entries}):
-            digest = hashlib.sha256()
-            self.store.put_chunks(key, _hashed(_file_chunks(self.tmp / "packs" / key.removeprefix("raw/")), digest))
+            digest, path = hashlib.sha256(), self.tmp / "packs" / key.removeprefix("raw/")
+            self.store.put_chunks(key, _hashed(_file_chunks(path), digest), size=path.stat().st_size)
             objects[key] = digest.hexdigest()
             self.uploaded += 1
         return objects
@@ -527,17 +541,23 @@ class VersionWriter:
             rows = [e.pop("row") for e in entries if e["split"] == split]
             key = f"tensors/{split}.npy"
             digest = hashlib.sha256()
-            self.store.put_chunks(key, _hashed(self._npy_chunks(rows), digest))
+            self.store.put_chunks(key, _hashed(self._npy_chunks(rows), digest), size=self._npy_size(len(rows)))
             objects[key] = digest.hexdigest()
             self.uploaded += 1
         return objects
 
+    def _npy_header(self, n: int) -> bytes:
+        size, header = self.settings.image_size, io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "|u1", "fortran_order": False, "shape": (n, 1, size, size)})
+        return header.getvalue()
+
+    def _npy_size(self, n: int) -> int:
+        return len(self._npy_header(n)) + n * self.settings.image_size ** 2
+
     def _npy_chunks(self, rows: list[int], per_chunk: int = 1024):
         size = self.settings.image_size
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            header, {"descr": "|u1", "fortran_order": False, "shape": (len(rows), 1, size, size)})
-        yield header.getvalue()
+        yield self._npy_header(len(rows))
         with open(self.tmp / "rows.u8", "rb") as f:
             for k in range(0, len(rows), per_chunk):
                 yield b"".join(os.pread(f.fileno(), size * size, i * size * size) for i in rows[k:k + per_chunk])

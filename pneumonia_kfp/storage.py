@@ -13,12 +13,21 @@
                         only write under their prefix; the bucket is Kubeflow's). Default ``true``.
 
 Keys are ``/``-separated and relative to the store's root. Every write is atomic for readers:
-an object appears whole or not at all, so a manifest written last marks a complete dataset. Files
-a file store writes are readable as the umask says (0644 with the usual 022), like any other tool's.
+an object appears whole or not at all, so a manifest written last marks a complete dataset.
+``put_new`` writes an object only where none exists (S3's conditional ``If-None-Match: *``; a hard
+link, which never replaces, on a file store), so of writers racing to publish one name, exactly one
+wins. Files a file store writes are readable as the umask says (0644 with the usual 022), like any
+other tool's. A full file system is a one-line StorageError naming the file and the bytes needed,
+and leaves no partial file behind.
+
+Uploads a killed writer leaves (``.partial-*`` files, incomplete multipart uploads) are listed by
+``unfinished`` and removed by ``discard``: that is ``pneumonia-kfp gc``'s job, never a writer's.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import hashlib
 import io
 import os
 import re
@@ -26,6 +35,7 @@ import shutil
 import stat
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
@@ -39,6 +49,15 @@ class StorageError(PneumoniaKfpError):
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """An upload a writer began and never finished: a ``.partial-*`` file or an incomplete multipart upload."""
+
+    key: str  # the object it was to become (a file store: the partial file itself)
+    started: float  # Unix time
+    upload_id: str | None = None  # S3's multipart upload id
 
 
 _NOT_FOUND = ("NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchObject")
@@ -68,8 +87,26 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(self.get_bytes(key))
 
-    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
-        """Write an object from a stream of byte chunks, never holding it whole in memory."""
+    def put_chunks(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> None:
+        """Write an object from a stream of byte chunks, never holding it whole in memory. ``size``: its
+        length where the caller knows it (a full disk's message then says how much was needed)."""
+        raise NotImplementedError
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object has that name: True if this call created it, False if one
+        existed (it is left as it was). Atomic against any number of writers."""
+        raise NotImplementedError
+
+    def modified(self, prefix: str = "") -> dict[str, float]:
+        """{key: last-modified Unix time} of the objects under ``prefix``."""
+        raise NotImplementedError
+
+    def unfinished(self, prefix: str = "") -> list[Unfinished]:
+        """Uploads begun under ``prefix`` and never finished (a killed writer's, or one in flight)."""
+        raise NotImplementedError
+
+    def discard(self, upload: Unfinished) -> None:
+        """Remove an unfinished upload."""
         raise NotImplementedError
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -78,6 +115,16 @@ class Store:
 
     def delete(self, key: str) -> None:
         raise NotImplementedError
+
+    def sha256(self, key: str, chunk: int = 64 * 1024 * 1024) -> str:
+        """sha256 of a stored object, read a range at a time (packs and tensors can be large)."""
+        digest, offset = hashlib.sha256(), 0
+        while True:
+            data = self.get_range(key, offset, chunk)
+            digest.update(data)
+            offset += len(data)
+            if len(data) < chunk:
+                return digest.hexdigest()
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``prefix`` (recursive), relative to the store root."""
@@ -118,27 +165,79 @@ class FileStore(Store):
             raise StorageError(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
+        self._atomic_write(key, lambda f: f.write(data), len(data))
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         with open(path, "rb") as src:
-            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f))
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f), os.fstat(src.fileno()).st_size)
 
-    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
-        self._atomic_write(key, lambda f: [f.write(c) for c in chunks])
+    def put_chunks(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> None:
+        self._atomic_write(key, lambda f: [f.write(c) for c in chunks], size)
 
-    def _atomic_write(self, key: str, write) -> None:
+    def put_new(self, key: str, data: bytes) -> bool:
+        return self._atomic_write(key, lambda f: f.write(data), len(data), replace=False)
+
+    def _atomic_write(self, key: str, write, size: int | None = None, replace: bool = True) -> bool:
+        """Write to a ``.partial-*`` file beside the target, then rename it into place (``replace``) or
+        hard-link it there, which fails where the name exists (returns False)."""
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a store is shared
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if replace:
+                os.replace(tmp, target)
+                tmp = None
+                return True
+            try:
+                os.link(tmp, target)  # never replaces: of racing writers, one wins
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(key, target, size, e) from None
             raise
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def _full(self, key: str, target: Path, size: int | None, e: OSError) -> StorageError:
+        """One line for a full file system (or quota): the file, what it needed, what is free."""
+        free = None
+        for d in (target.parent, *target.parents):
+            try:
+                st = os.statvfs(d)
+                free = st.f_bavail * st.f_frsize
+                break
+            except OSError:
+                continue
+        what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        need = f"{size} bytes" if size is not None else "its size is not known in advance"
+        have = f", {free} bytes free there" if free is not None else ""
+        return StorageError(f"writing {target} (store {self.uri}): {what} (it needs {need}{have}); free space "
+                            f"there or use another --storage. Nothing partial was left.", "NoSpace")
+
+    def modified(self, prefix: str = "") -> dict[str, float]:
+        return {k: sig[1] / 1e9 for k, sig in self.signatures(prefix).items()}
+
+    def unfinished(self, prefix: str = "") -> list[Unfinished]:
+        base = self._path(prefix) if prefix else self.root
+        found = []
+        for p in base.rglob(".partial-*") if base.is_dir() else ():
+            try:
+                found.append(Unfinished(p.relative_to(self.root).as_posix(), p.lstat().st_mtime))
+            except FileNotFoundError:
+                continue  # finished (renamed) since the listing
+        return sorted(found, key=lambda u: u.key)
+
+    def discard(self, upload: Unfinished) -> None:
+        if not Path(upload.key).name.startswith(".partial-"):
+            raise StorageError(f"{self.uri_of(upload.key)} is not an unfinished upload")
+        self._path(upload.key).unlink(missing_ok=True)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +381,53 @@ class S3Store(Store):
         self._ensure_bucket()
         self._call(f"write {self.uri_of(key)}", self.client.fput_object, self.bucket, self._key(key), str(path))
 
-    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
+    def put_new(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *): S3 answers 412 where the key exists. minio's put_object
+        turns extra headers into user metadata, so this goes through its PutObject request itself."""
+        self._ensure_bucket()
+        try:
+            self._call(f"write {self.uri_of(key)}", self.client._put_object, self.bucket, self._key(key), data,
+                       headers={"If-None-Match": "*", "Content-Type": "application/octet-stream"})
+        except StorageError as e:
+            if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def modified(self, prefix: str = "") -> dict[str, float]:
+        try:
+            objs = self._objects(prefix)
+        except StorageError as e:
+            if e.code in _NOT_FOUND:
+                return {}
+            raise
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return {o.object_name[strip:]: o.last_modified.timestamp() for o in objs}
+
+    def unfinished(self, prefix: str = "") -> list[Unfinished]:
+        """Incomplete multipart uploads (ListMultipartUploads, a page at a time)."""
+        base, strip = self._key(prefix), len(self.prefix) + 1 if self.prefix else 0
+        found, marker, id_marker = [], None, None
+        while True:
+            try:
+                page = self._call(f"list unfinished uploads under {self.uri_of(prefix)}",
+                                  self.client._list_multipart_uploads, self.bucket, prefix=base + "/" if base else "",
+                                  key_marker=marker, upload_id_marker=id_marker)
+            except StorageError as e:
+                if e.code in _NOT_FOUND:
+                    return []
+                raise
+            found += [Unfinished(u.object_name[strip:], u.initiated_time.timestamp(), u.upload_id)
+                      for u in page.uploads]
+            if not page.is_truncated or not page.uploads:
+                return found
+            marker, id_marker = page.uploads[-1].object_name, page.uploads[-1].upload_id
+
+    def discard(self, upload: Unfinished) -> None:
+        self._call(f"abort the upload of {self.uri_of(upload.key)}", self.client._abort_multipart_upload,
+                   self.bucket, self._key(upload.key), upload.upload_id)
+
+    def put_chunks(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> None:
         self._ensure_bucket()
         self._call(f"write {self.uri_of(key)}", self.client.put_object, self.bucket, self._key(key),
                    _ChunkReader(chunks), -1, part_size=16 * 1024 * 1024)  # multipart, one part in memory

@@ -10,6 +10,7 @@ import pytest
 from pneumonia_kfp import ingest as ingest_module
 from pneumonia_kfp.data import IntegrityError, StoredDataset, manifest_checksum
 from pneumonia_kfp.ingest import RACY_NS, ingest
+from pneumonia_kfp.maintenance import gc
 from pneumonia_kfp.storage import open_store
 from pneumonia_kfp.synthetic import make_synthetic
 from pneumonia_kfp.validation import load_image
@@ -151,8 +152,10 @@ def test_flipped_bytes_are_found_by_readers_and_repaired_by_reingesting(data, tm
     assert repaired.raw(repaired.entries("train")[3]) == (data / entries[3]["path"]).read_bytes()
     if target in ("tensors/train.npy", "validation.json"):  # rewritten byte for byte
         assert path.read_bytes() == good
-    elif target == "raw":  # a pack is rewritten under a new name, the damaged one removed
-        assert not path.exists()
+    elif target == "raw":  # a pack is rewritten under a new name; the damaged one, referenced no more, is gc's
+        assert path.exists() and key.split("/", 2)[2] not in repaired.manifest["objects"]
+        assert gc(storage, older_than=0).removed == [key]
+        assert not path.exists() and StoredDataset(info["uri"]).split("train")[0].shape == x_before.shape
 
 
 def test_a_deleted_object_is_missing_for_readers_and_rewritten_by_reingest(data, tmp_path):

@@ -96,3 +96,85 @@ def test_streamed_writes_ranges_signatures_and_deletes(store):
     assert store.signatures("big")["big/blob.bin"] != before["big/blob.bin"]
     store.delete("big/blob.bin")
     assert not store.exists("big/blob.bin") and store.signatures("big") == {}
+
+
+def test_put_new_has_exactly_one_winner_among_racing_writers(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [f"writer {i}".encode() for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda b: store.put_new("v/manifest.json", b), bodies))
+    assert won.count(True) == 1  # S3's If-None-Match: * / a hard link: never a second winner
+    assert store.get_bytes("v/manifest.json") == bodies[won.index(True)]  # the winner's bytes, untouched
+    assert store.put_new("v/manifest.json", b"late") is False and store.get_bytes("v/manifest.json") == \
+        bodies[won.index(True)]
+    assert list(store.list()) == ["v/manifest.json"] and store.unfinished() == []  # nothing partial left
+
+
+def test_modified_times_sha256_and_unfinished_uploads(store):
+    before = time.time()
+    store.put_bytes("d/a.bin", b"abc")
+    times = store.modified("d")
+    assert list(times) == ["d/a.bin"] and before - 2 <= times["d/a.bin"] <= time.time() + 2
+    assert store.sha256("d/a.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert store.sha256("d/a.bin", chunk=2) == store.sha256("d/a.bin")  # read in ranges, the same
+    if isinstance(store, FileStore):  # a writer killed mid-write leaves its .partial- file
+        (store.root / "d" / ".partial-abc123").write_bytes(b"half")
+        expected = "d/.partial-abc123"
+    else:  # ... or an incomplete multipart upload
+        store.client._create_multipart_upload(store.bucket, store._key("d/big.pack"), {})
+        expected = "d/big.pack"
+    [upload] = store.unfinished("d")
+    assert upload.key == expected and upload.started <= time.time() + 2
+    assert store.unfinished("elsewhere") == [] and list(store.list("d")) == ["d/a.bin"]
+    store.discard(upload)
+    assert store.unfinished() == [] and list(store.list("d")) == ["d/a.bin"]
+
+
+def test_discard_refuses_a_finished_object(tmp_path):
+    from pneumonia_kfp.storage import Unfinished
+
+    store = FileStore(tmp_path)
+    store.put_bytes("a.bin", b"x")
+    with pytest.raises(StorageError, match="not an unfinished upload"):
+        store.discard(Unfinished("a.bin", 0.0))
+    assert store.exists("a.bin")
+
+
+def test_a_full_file_system_is_one_line_naming_the_file_and_size(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = FileStore(tmp_path)
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(StorageError) as e:
+        store.put_bytes("v/raw/x.pack", b"y" * 5000)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "v" / "raw" / "x.pack") in message
+    assert "no space left" in message and "5000 bytes" in message and "bytes free there" in message
+    assert e.value.code == "NoSpace"
+    with pytest.raises(StorageError, match="its size is not known in advance"):
+        store.put_chunks("v/t.npy", iter([b"z" * 100]))
+    with pytest.raises(StorageError, match="7 bytes"):
+        store.put_new("v/manifest.json", b"1234567")
+    monkeypatch.undo()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial file visible

@@ -123,8 +123,13 @@ def test_killed_ingest_rerun_has_nothing_missing_or_duplicated(tmp_path, via_pro
     _all_files_whole(ds, data)
     assert len({e["path"] for e in ds.manifest["files"]}) == len(ds.manifest["files"])
     assert sum(sum(c.values()) for c in ds.manifest["counts"].values()) == len(_files(data))
+    # the killed run's objects are referenced by no manifest: gc removes them, and only them
+    gc = subprocess.run([*cmd[:3], "gc", "--storage", "s3://killed/p", "--older-than", "0s"], env=env,
+                        capture_output=True, text=True, check=True)
+    assert "removed" in gc.stderr
     packs = {k.split("/", 2)[2] for k in store.list(ds.uri.split("s3://killed/p/", 1)[1] + "/raw")}
     assert packs == {e["pack"] for e in ds.manifest["files"]}  # no pack left over from the killed run
+    _all_files_whole(StoredDataset(ds.uri), data)
 
 
 def test_killed_ingest_leaves_no_worker_process(tmp_path):
