@@ -12,6 +12,7 @@ from pathlib import Path
 from pneumonia_kfp.errors import PneumoniaKfpError
 from pneumonia_kfp.params import PARAMS, check_run_params, from_args
 from pneumonia_kfp.params import add_arguments as add_params
+from pneumonia_kfp.procs import stoppable
 from pneumonia_kfp.telemetry import progress_mode
 
 # the parameters each command takes, all defined in pneumonia_kfp.params
@@ -19,14 +20,16 @@ RUN_LOCAL_PARAMS = [p.name for p in PARAMS]
 INGEST_PARAMS = ["data", "storage", "image_size", "seed", "on_invalid"]
 
 
+@stoppable
 def run_local_cmd(args) -> int:
     from pneumonia_kfp.pipelines.local import run_local
 
     params = from_args(args, RUN_LOCAL_PARAMS)
     return run_local(params, Path(args.output), args.storage, synthetic=not args.data, runner=args.runner,
-                     gpus=args.gpus)
+                     gpus=args.gpus, force=args.force)
 
 
+@stoppable
 def ingest_cmd(args) -> int:
     from pneumonia_kfp.ingest import ingest
 
@@ -62,6 +65,7 @@ def verify_cmd(args) -> int:
     return 1 if report.problems else 0
 
 
+@stoppable
 def evaluate_cmd(args) -> int:
     from pneumonia_kfp.evaluation import evaluate_folder
 
@@ -136,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", type=gpus_arg, metavar="all|N",
                    help="with --runner docker: NVIDIA GPUs for the train and evaluate tasks (NVIDIA's container "
                    "runtime); with several, each running task gets its own")
+    r.add_argument("--force", action="store_true",
+                   help="write into an --output that holds files run-local did not make (its own outputs there are "
+                   "replaced), and train more than 32 backbones")
     r.set_defaults(func=run_local_cmd)
 
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")

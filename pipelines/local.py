@@ -9,10 +9,21 @@ every task and whatever the tasks start. The runner dies with this process, even
 killed by SIGKILL (Linux's parent-death signal), and then ends its whole group; SIGINT, SIGTERM and
 SIGHUP here end the group the same way. The runner's workspace and every temporary directory of the
 tasks live under ``OUT/.run-local/``, removed when the run ends, however it ends.
+
+OUT is run-local's: ``OUT/.lock`` (``flock``), held by this process and the runner for the whole run,
+refuses a second run on the same OUT at the same time, naming the PID that holds it; the kernel
+releases it however they end, SIGKILL included. A later run on an OUT run-local made (it carries
+``OUT/.pneumonia-kfp-run-local``) replaces its outputs; an OUT holding anything else is refused
+unless ``--force``. Each output is replaced whole: written under a temporary name in OUT, then
+renamed over the old one (``models/``: a new folder renamed in place), so a reader sees the last
+finished run's file or this run's, never a mix. The log is written under ``OUT/.run-local/`` and
+renamed to ``OUT/run-local.log`` when the run ends, however it ends (a SIGKILL of the whole group
+aside): it is always one whole run's log.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -28,9 +39,15 @@ import warnings
 from pathlib import Path
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
-from pneumonia_kfp.procs import process_table
+from pneumonia_kfp.procs import STOP_SIGNALS, alive, process_table
 
 LOG_FILE = "run-local.log"
+LOCK_FILE = ".lock"  # under OUT: flock'ed for the whole run; holds the PIDs of run-local and its runner
+MARKER = ".pneumonia-kfp-run-local"  # under OUT: run-local made this folder; a later run may replace its outputs
+PROBE = ".write-test"  # check_output's, for a moment
+PARTIAL = ".partial-"  # in the temporary names of outputs being written
+MAX_BACKBONES = 32  # more only with --force: each is a training task (and a CPU estimate)
+ESTIMATE_BUDGET_S = 60.0  # the CPU estimate measures backbones for this long, then extrapolates
 SYNTHETIC_WARNING = ("!!! SYNTHETIC DATA: no --data was given, so the models were trained on generated images.\n"
                      "!!! Results on it mean nothing about real X-rays. Pass --data DIR for real data.")
 # lines worth a person's attention: kfp's task start/finish lines and the steps' own log lines
@@ -131,38 +148,67 @@ def announce_synthetic(out: Path, image_size: int) -> Path:
     return data
 
 
-def cpu_estimate(params: dict, images: int) -> str | None:
-    """On a machine without CUDA, how long training will take, measured on one small batch per backbone."""
+def _say(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _step_seconds(name: str, params: dict) -> float:
+    """Seconds one training step takes per image on this CPU: the fastest of a few steps on a small batch."""
+    import torch
+
+    from pneumonia_kfp.backbones import create_backbone
+
+    model = create_backbone(name, num_classes=2)
+    opt = torch.optim.AdamW(model.parameters())
+    batch = min(8, params["batch_size"])  # small enough to measure in seconds, big enough to be representative
+    x = torch.randn(batch, 1, params["image_size"], params["image_size"])
+    y = torch.arange(batch) % 2
+    steps = []
+    for _ in range(3):  # the first step warms up allocators and kernels; the fastest counts
+        start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        steps.append(time.perf_counter() - start)
+    return min(steps[1:]) / batch
+
+
+def duration(seconds: float) -> str:
+    return f"about {seconds / 60:.0f} min" if seconds >= 60 else f"about {seconds:.0f} s"
+
+
+def cpu_estimate(params: dict, images: int, say=_say, budget_s: float = ESTIMATE_BUDGET_S,
+                 clock=time.monotonic) -> float | None:
+    """On a machine without CUDA, the seconds training will take, measured on one small batch per backbone.
+
+    Each backbone's figure is printed as soon as it is measured (one model in memory at a time). After
+    ``budget_s`` of measuring, the rest are estimated from the average of those measured, and it says so.
+    """
     import torch
 
     if torch.cuda.is_available():
         return None
-    from pneumonia_kfp.backbones import create_backbone
-
-    seconds = 0.0
-    for name in params["backbones"]:
-        model = create_backbone(name, num_classes=2)
-        opt = torch.optim.AdamW(model.parameters())
-        batch = min(8, params["batch_size"])  # small enough to measure in seconds, big enough to be representative
-        x = torch.randn(batch, 1, params["image_size"], params["image_size"])
-        y = torch.arange(batch) % 2
-        steps = []
-        for _ in range(3):  # the first step warms up allocators and kernels; the fastest counts
-            start = time.perf_counter()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            steps.append(time.perf_counter() - start)
-        seconds += min(steps[1:]) / batch * images * params["epochs"]
-    # parallel tasks share the same cores, so the wall time is about the sum
-    return f"about {seconds / 60:.0f} min" if seconds >= 60 else f"about {seconds:.0f} s"
+    names, work = params["backbones"], images * params["epochs"]
+    say(f"No GPU: measuring a training step of each backbone on this CPU (at most {budget_s:.0f} s):\n")
+    measured: list[float] = []
+    start = clock()
+    for i, name in enumerate(names):
+        if measured and clock() - start > budget_s:
+            average = sum(measured) / len(measured)
+            say(f"  the other {len(names) - i} backbone(s): {duration(average * work)} each, not measured (the "
+                f"{budget_s:.0f} s for measuring ran out; the average of the {len(measured)} measured)\n")
+            return sum(measured) * work + average * work * (len(names) - i)
+        measured.append(_step_seconds(name, params))
+        say(f"  {name}: {duration(measured[-1] * work)}  ({i + 1}/{len(names)})\n")
+    return sum(measured) * work  # parallel tasks share the same cores, so the wall time is about the sum
 
 
 def check_output(out: Path) -> Path:
     """OUT as a writable directory, or a UsageError before any work starts."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / PROBE
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -171,29 +217,134 @@ def check_output(out: Path) -> Path:
     return out
 
 
-def keep_models_and_predictions(task, results: dict, out: Path) -> None:
-    """OUT/predictions.csv, and each model directory (checkpoint + exported forms) as OUT/models/<backbone>/;
-    results.json then names those copies instead of the runner's artifact paths."""
-    shutil.copyfile(task.outputs["predictions"].path, out / "predictions.csv")
+def check_backbone_count(backbones: list[str], force: bool) -> None:
+    if len(backbones) > MAX_BACKBONES and not force:
+        raise UsageError(f"--backbones names {len(backbones)} models: run-local trains at most {MAX_BACKBONES} "
+                         "(one task each); pass --force to train them all")
+
+
+def check_owner(out: Path, force: bool) -> None:
+    """OUT is run-local's (it carries MARKER) or empty; anything else only with ``force``."""
+    if (out / MARKER).exists():
+        return
+    foreign = sorted(set(os.listdir(out)) - {LOCK_FILE, MARKER, PROBE})
+    if foreign and not force:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UsageError(f"--output {out} holds files run-local did not write ({shown}); choose an empty or new "
+                         "directory, or pass --force to write into it (replacing results.json, report.md, "
+                         "report.html, predictions.csv, models/ and run-local.log there)")
+
+
+def lock_output(out: Path) -> int:
+    """Lock OUT for this run (its descriptor; closing it, or this process ending, unlocks), or a UsageError
+    naming the PID of the run that holds it."""
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise UsageError(f"--output {out} is in use by another run-local ({holder}); wait for it to end, or "
+                         "choose another --output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock, from what the holder wrote into the lock file."""
+    deadline = time.monotonic() + 2
+    while True:  # the holder writes its PID just after it locks
+        words = os.pread(fd, 100, 0).decode(errors="replace").split()
+        if words or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not words or not words[0].isdigit():
+        return "PID unknown"
+    pid = int(words[0])
+    if alive(pid) or len(words) < 3:
+        return f"PID {pid}"
+    return f"PID {pid}, ended; its runner, PID {words[2]}, is still stopping its tasks"
+
+
+def claim_output(out: Path) -> None:
+    """With OUT locked: mark it as run-local's, and remove what a killed run left half-written."""
+    (out / MARKER).write_text("This folder is written by `pneumonia-kfp run-local`; it replaces the files it "
+                              "wrote here.\n")
+    for entry in os.scandir(out):
+        if PARTIAL in entry.name and entry.name.startswith("."):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+
+
+def _partial(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{PARTIAL}{os.getpid()}")
+
+
+def replace_file(dest: Path, write) -> None:
+    """``write(path)`` writes the new ``dest`` under a temporary name beside it, renamed over ``dest`` when done."""
+    tmp = _partial(dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def publish_outputs(task, results: dict, out: Path) -> None:
+    """OUT/models/<backbone>/ (checkpoint and exported forms), predictions.csv, report.md, report.html and, last,
+    results.json (naming the copies in OUT/models instead of the runner's artifact paths), each replacing
+    the last run's whole."""
+    models, new = out / "models", _partial(out / "models")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
     for m in results["models"]:
         src = m.get("model_uri")
         if src and Path(src).is_dir():
-            dest = out / "models" / m["backbone"]
-            shutil.copytree(src, dest, dirs_exist_ok=True)
-            m["model_uri"] = str(dest)
+            shutil.copytree(src, new / m["backbone"])
+            m["model_uri"] = str(models / m["backbone"])
+    old = out / f".models-old{PARTIAL}{os.getpid()}"
+    if models.exists():
+        os.rename(models, old)
+    os.rename(new, models)
+    shutil.rmtree(old, ignore_errors=True)
+    for name, artifact in (("predictions.csv", "predictions"), ("report.md", "report_md"),
+                           ("report.html", "report_html")):
+        replace_file(out / name, lambda tmp, a=artifact: shutil.copyfile(task.outputs[a].path, tmp))
+    replace_file(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+def publish_log(state: Path, out: Path) -> None:
+    """The run's log, OUT/.run-local/run-local.log, as OUT/run-local.log (a whole log replaces a whole log)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(state / LOG_FILE, out / LOG_FILE)
+
+
 STATE_DIR = ".run-local"  # under OUT: the runner's spec, workspace and the tasks' temporary files
 
 
 def run_local(params: dict, out: Path, storage: str | None, synthetic: bool, runner: str = "subprocess",
-              gpus: str | None = None) -> int:
-    """Check everything that can be checked, then run the pipeline in a runner process (``_runner``):
+              gpus: str | None = None, force: bool = False) -> int:
+    """Check everything that can be checked, lock OUT, then run the pipeline in a runner process (``_runner``):
     its tasks as subprocesses here, or (``runner="docker"``) in the project's image."""
+    check_backbone_count(params["backbones"], force)
+    out = check_output(out.resolve())
+    check_owner(out, force)
+    lock = lock_output(out)
+    try:
+        claim_output(out)
+        return _checked_run(params, out, storage, synthetic, runner, gpus, lock)
+    finally:
+        os.close(lock)  # the runner, when it still runs, holds the lock until it has ended
+
+
+def _checked_run(params: dict, out: Path, storage: str | None, synthetic: bool, runner: str, gpus: str | None,
+                 lock: int) -> int:
     from pneumonia_kfp.data import scan_image_folder
 
-    out = check_output(out.resolve())
     if runner == "docker":  # engine, image and GPUs first: one line each, before any work
         from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE
         from pneumonia_kfp.pipelines import docker
@@ -210,41 +361,51 @@ def run_local(params: dict, out: Path, storage: str | None, synthetic: bool, run
     _, files = scan_image_folder(params["data"])  # fail fast, with a clear message, before any task starts
     params["storage"] = storage or (out / "store").as_uri()
     estimate = None if gpus else cpu_estimate(params, sum(f.split != "test" for f in files))
-    if estimate:
-        sys.stdout.write(f"No GPU: training {len(params['backbones'])} backbone(s) for {params['epochs']} epoch(s) "
-                         f"at {params['image_size']} px takes {estimate} on this CPU. For a quick look: "
-                         "--backbones resnet18 --epochs 2 --image-size 64.\n")
-        sys.stdout.flush()
+    if estimate is not None:
+        _say(f"No GPU: training {len(params['backbones'])} backbone(s) for {params['epochs']} epoch(s) "
+             f"at {params['image_size']} px takes {duration(estimate)} on this CPU. For a quick look: "
+             "--backbones resnet18 --epochs 2 --image-size 64.\n")
 
     # tasks run side by side on this machine: split the cores so their thread pools don't fight
     parallel = min(params["max_parallel"], len(params["backbones"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
-    return supervise(params, out, {"runner": runner, "gpus": gpus, "run_id": f"{os.getpid()}-{time.time_ns()}"})
+    return supervise(params, out, {"runner": runner, "gpus": gpus, "run_id": f"{os.getpid()}-{time.time_ns()}"},
+                     lock=lock)
 
 
-def supervise(params: dict, out: Path, execution: dict | None = None) -> int:
-    """Run ``_runner`` in a process group of its own and wait for it; a stop signal here ends the group."""
+def supervise(params: dict, out: Path, execution: dict | None = None, lock: int | None = None) -> int:
+    """Run ``_runner`` in a process group of its own and wait for it; a stop signal here ends the group.
+    ``lock``: OUT's lock, which the runner holds too, so that OUT stays locked until the runner has ended."""
     state = out / STATE_DIR
     shutil.rmtree(state, ignore_errors=True)  # left by a runner killed together with its group
     state.mkdir()
     (state / "spec.json").write_text(json.dumps({"params": params, "out": str(out), "parent": os.getpid(),
                                                  "execution": execution or {"runner": "subprocess"}}))
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    runner = subprocess.Popen([sys.executable, "-m", "pneumonia_kfp.pipelines.local", str(state)], **group)
     stopped: list[int] = []
+    runner: list[subprocess.Popen] = []
 
     def stop(signum, _frame):
         stopped.append(signum)
-        signal_group(runner.pid, signal.SIGTERM)  # the runner ends its tasks and cleans up, then exits
+        if runner:
+            signal_group(runner[0].pid, signal.SIGTERM)  # the runner ends its tasks and cleans up, then exits
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}  # before the runner starts: no gap
     try:
-        code = runner.wait()
+        runner.append(subprocess.Popen([sys.executable, "-m", "pneumonia_kfp.pipelines.local", str(state)],
+                                       pass_fds=() if lock is None else (lock,), **group))
+        if lock is not None:
+            os.pwrite(lock, f"{os.getpid()} runner {runner[0].pid}\n".encode(), 0)
+        if stopped:
+            signal_group(runner[0].pid, signal.SIGTERM)
+        code = runner[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        signal_group(runner.pid, signal.SIGKILL)  # whatever outlived the runner
+        if runner:
+            signal_group(runner[0].pid, signal.SIGKILL)  # whatever outlived the runner
         error = (state / "error.txt").read_text() if (state / "error.txt").exists() else None
+        publish_log(state, out)
         shutil.rmtree(state, ignore_errors=True)
     if stopped:
         sys.stderr.write(f"pneumonia-kfp run-local: stopped by {signal.Signals(stopped[0]).name}; "
@@ -277,10 +438,15 @@ def _runner(state: Path) -> int:
     (state / "tmp").mkdir()
     os.environ["TMPDIR"] = str(state / "tmp")  # the tasks' temporary directories, removed with the state
     try:
-        run_pipeline(spec["params"], Path(spec["out"]), state / "workspace", execution)
+        run_pipeline(spec["params"], Path(spec["out"]), state, execution)
     except PneumoniaKfpError as e:
-        (state / "error.txt").write_text(str(e))
+        try:
+            (state / "error.txt").write_text(str(e))
+        except OSError:  # the state is gone: say it here instead
+            sys.stderr.write(f"pneumonia-kfp run-local: error: {e}\n")
         return 2
+    finally:
+        publish_log(state, Path(spec["out"]))
     return 0
 
 
@@ -301,6 +467,7 @@ def _end_group(signum: int, state: Path, run_id: str | None = None) -> None:
         if pid != me:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    publish_log(state, state.parent)
     shutil.rmtree(state, ignore_errors=True)
     os._exit(128 + signum)
 
@@ -319,7 +486,8 @@ def task_runner(params: dict, out: Path, execution: dict):
                          run_id=execution["run_id"], shm_size=Train().shm_size, gpus=execution.get("gpus"))
 
 
-def run_pipeline(params: dict, out: Path, workspace: Path, execution: dict | None = None) -> None:
+def run_pipeline(params: dict, out: Path, state: Path, execution: dict | None = None) -> None:
+    """The pipeline, its log in ``state`` (renamed into OUT when the run ends), its outputs into OUT."""
     from kfp import local
 
     from pneumonia_kfp.pipelines.pipeline import build_pipeline
@@ -327,11 +495,11 @@ def run_pipeline(params: dict, out: Path, workspace: Path, execution: dict | Non
     root = out / "kfp-root"
     root.mkdir(exist_ok=True)  # made here, not by Docker (which would make a missing bind source root's, 0755)
     local.init(runner=task_runner(params, out, execution or {"runner": "subprocess"}), pipeline_root=str(root),
-               workspace_root=str(workspace))
+               workspace_root=str(state / "workspace"))
     pipeline = build_pipeline(params.pop("max_parallel"))
-    log_path = out / LOG_FILE
+    log_path = out / LOG_FILE  # where the log will be when the run has ended
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(state / LOG_FILE, "w", buffering=1) as log:  # by lines: a stop's os._exit loses none
         stream = ConsoleFilter(log, sys.stdout)
         try:
             with contextlib.redirect_stdout(stream), _root_log_to(stream), warnings.catch_warnings():
@@ -348,10 +516,7 @@ def run_pipeline(params: dict, out: Path, workspace: Path, execution: dict | Non
 
     results = json.loads(Path(task.outputs["results"].path).read_text())
     results["wall_seconds"] = wall
-    keep_models_and_predictions(task, results, out)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    shutil.copyfile(task.outputs["report_md"].path, out / "report.md")
-    shutil.copyfile(task.outputs["report_html"].path, out / "report.html")
+    publish_outputs(task, results, out)
     lines = [f"\nPipeline finished in {wall:.0f} s."]
     for m in results["models"]:
         t = m["test"]

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import difflib
-import tempfile
 from pathlib import Path
 
 from pneumonia_kfp.errors import UsageError
 from pneumonia_kfp.params import MIN_IMAGE_SIZE
+from pneumonia_kfp.scratch import scratch_dir
 
 
 class BackboneError(UsageError):
@@ -48,7 +48,7 @@ def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, w
         return timm.create_model(name, pretrained=False, **kwargs)
     if not weights:
         return _checked_pretrained(name, "timm's hub weights", **kwargs)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("weights-") as tmp:
         path = _local_weights(weights, Path(tmp))
         return _checked_pretrained(name, weights, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from pneumonia_kfp.errors import DataError
+from pneumonia_kfp.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
@@ -196,7 +196,7 @@ def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndar
     from pneumonia_kfp.ingest import S3Source, open_source
     from pneumonia_kfp.params import max_pixels
 
-    with tempfile.TemporaryDirectory(prefix="external-") as tmp:
+    with scratch_dir("external-") as tmp:
         source = open_source(data, Path(tmp))
         if isinstance(source, S3Source):  # an s3:// prefix: its objects into tmp, then read as a folder
             for key in source.etags:

@@ -1,11 +1,14 @@
-"""Child processes that die with their parent, the process table (/proc), and how many cores this
-process may use."""
+"""Child processes that die with their parent, the process table (/proc), stop signals turned into an
+exception (so that ``finally`` blocks and context managers clean up), and how many cores this process may use."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -48,12 +51,76 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22); None when it does not run.
+    A PID and its start time name one process: a reused PID has a later start."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None and fields[0] != "Z" else None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived (SIGINT, SIGTERM, SIGHUP). A BaseException, like KeyboardInterrupt: no
+    ``except Exception`` swallows it, and every ``finally`` and context manager on the way runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """While inside: the first stop signal raises :class:`Stopped` in the main thread; later ones are
+    ignored, so that the cleanup the first one started is not cut short (SIGKILL still ends it; the
+    next run then removes what it left, see ``scratch``). Child processes forked meanwhile that
+    inherit the handler exit at once with 128 + the signal, as they would without it."""
+    me, stopping = os.getpid(), []
+
+    def handler(signum, _frame):
+        if os.getpid() != me:
+            os._exit(128 + signum)
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stoppable(command):
+    """A CLI command (``func(args) -> exit code``) that a stop signal ends cleanly: its cleanup runs
+    and it exits 128 + the signal's number with one line on stderr."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            with stop_signals_raise():
+                return command(args)
+        except (Stopped, KeyboardInterrupt) as e:
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            sys.stderr.write(f"pneumonia-kfp {args.command}: stopped by {signal.Signals(signum).name}; "
+                             "its temporary files were removed\n")
+            return 128 + signum
+    return run
 
 
 def usable_cores() -> int:
