@@ -198,14 +198,15 @@ class FileStore(Store):
                 return False
             return True
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._full(key, target, size, e) from None
-            raise
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            full = e
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+        raise self._full(target, size, full) from None  # after the partial file is gone: the space it took is free
 
-    def _full(self, key: str, target: Path, size: int | None, e: OSError) -> StorageError:
+    def _full(self, target: Path, size: int | None, e: OSError) -> StorageError:
         """One line for a full file system (or quota): the file, what it needed, what is free."""
         free = None
         for d in (target.parent, *target.parents):
@@ -218,8 +219,8 @@ class FileStore(Store):
         what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
         need = f"{size} bytes" if size is not None else "its size is not known in advance"
         have = f", {free} bytes free there" if free is not None else ""
-        return StorageError(f"writing {target} (store {self.uri}): {what} (it needs {need}{have}); free space "
-                            f"there or use another --storage. Nothing partial was left.", "NoSpace")
+        return StorageError(f"writing {target}: {what} (it needs {need}{have}); free space there or use another "
+                            "--storage. Nothing partial was left.", "NoSpace")
 
     def modified(self, prefix: str = "") -> dict[str, float]:
         return {k: sig[1] / 1e9 for k, sig in self.signatures(prefix).items()}

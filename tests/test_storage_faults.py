@@ -152,3 +152,32 @@ def test_killed_ingest_leaves_no_worker_process(tmp_path):
     while time.monotonic() < deadline and any(alive(p) for p in workers):
         time.sleep(0.1)
     assert not [p for p in workers if alive(p)]
+
+
+def test_ingest_into_a_full_file_system_is_one_line_and_leaves_nothing_partial(image_folder, tmp_path):
+    """A real full file system without root: a 64 KB tmpfs mounted in a user namespace of its own
+    (``unshare -Urm``), which vanishes with the command, so nothing is left mounted."""
+    import re
+    import shlex
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    (tmp_path / "tmp").mkdir()
+    ingest_cmd = shlex.join([sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "ingest", "--data",
+                             str(image_folder), "--storage", f"file://{mnt}/store", "--image-size", "32"])
+    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(mnt))} || exit 99; {ingest_cmd}; "
+              f"echo rc=$? >&2; find {shlex.quote(str(mnt))} -type f -printf 'left %P\\n'")
+    out = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == "rc=2" and "Traceback" not in out.stderr, out.stderr[-3000:]
+    error = lines[-2]
+    m = re.fullmatch(rf"pneumonia-kfp ingest: error: writing {mnt}/store/datasets/\w+/"
+                     r"(raw/\w+\.pack|tensors/\w+\.npy): "
+                     r"no space left on the device \(it needs (\d+) bytes, (\d+) bytes "
+                     r"free there\); free space there or use another --storage\. Nothing partial was left\.", error)
+    assert m, error
+    assert int(m.group(3)) < int(m.group(2))  # what it needed did not fit in what was free
+    left = [line.removeprefix("left ") for line in out.stdout.splitlines()]
+    assert left and not [k for k in left if ".partial-" in k or k.endswith("manifest.json")], left
+    assert list(mnt.iterdir()) == []  # the mount went with its namespace
