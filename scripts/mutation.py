@@ -65,17 +65,24 @@ MODULES = {
         "pneumonia_kfp/data.py", ["x_patient_id", "x_grouped_holdout", "x_groups_of"],
         ["tests/test_data.py", "tests/test_splits.py"]),
     "ingest": Module(
-        "pneumonia_kfp/ingest.py", ["x_assign_splits"],
-        ["tests/test_ingest.py::test_missing_test_split_is_carved_from_train_by_patient", "tests/test_splits.py"]),
+        "pneumonia_kfp/ingest.py", ["x_assign_splits", "x_publish", "xǁIndexǁknown", "xǁIndexǁrecord"],
+        ["tests/test_ingest.py::test_missing_test_split_is_carved_from_train_by_patient", "tests/test_splits.py",
+         "tests/test_ingest_index.py",
+         "tests/test_concurrent_store.py::test_writers_in_threads_publishing_at_once_agree_on_one_manifest"]),
     "validation": Module(
         "pneumonia_kfp/validation.py", ["x_inside", "x_load_image", "x_check_leakage", "x_patients_in_both"],
         ["tests/test_validation.py", "tests/test_ingest.py::test_grayscale_conversion_of_other_modes",
          "tests/test_images.py"]),
     "storage": Module(
         "pneumonia_kfp/storage.py",
-        ["xǁS3Storeǁ_call", "xǁS3Storeǁexists", "xǁS3Storeǁ_ensure_bucket", "x_minio_client_from_env"],
+        ["xǁS3Storeǁ_call", "xǁS3Storeǁexists", "xǁS3Storeǁ_ensure_bucket", "x_minio_client_from_env",
+         "xǁS3Storeǁput_new", "xǁS3Storeǁunfinished", "xǁFileStoreǁ_atomic_write", "xǁFileStoreǁ_full",
+         "xǁFileStoreǁunfinished", "xǁFileStoreǁdiscard", "xǁStoreǁsha256"],
         ["tests/test_storage.py", "tests/test_storage_faults.py::test_transient_503s_are_retried",
          "tests/test_storage_config.py"]),
+    "maintenance": Module(
+        "pneumonia_kfp/maintenance.py", ["x_*"],
+        ["tests/test_maintenance.py"]),
     "resume": Module(
         "pneumonia_kfp/resume.py", ["x_*"],
         # the module's own tests, none of which trains: train()'s use of the identity is the training module's

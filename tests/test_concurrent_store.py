@@ -200,3 +200,38 @@ def test_gc_racing_ingests_removes_old_garbage_and_nothing_in_flight(storage, da
     _whole(results[0][0], a)
     _whole(results[2][0], b)
     assert _cli("verify", "--storage", storage, tmp_path=tmp_path).returncode == 0
+
+
+def test_writers_in_threads_publishing_at_once_agree_on_one_manifest(storage, datasets, monkeypatch):
+    """The same race in one process (fast; mutation testing runs this one): four ingests held at
+    publish by a barrier, then released together."""
+    import threading
+
+    from pneumonia_kfp import ingest as ingest_module
+
+    barrier, original, won = threading.Barrier(4, timeout=120), ingest_module.publish, []
+
+    def gated(root, sha, manifest, writer, index):
+        barrier.wait()
+        result = original(root, sha, manifest, writer, index)
+        won.append(result[1] is manifest)  # its own manifest was published (the others adopt the winner's)
+        return result
+
+    monkeypatch.setattr(ingest_module, "publish", gated)
+    a = datasets[0]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = ingest_module.ingest(str(a), storage, image_size=32, workers=1)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(results) and len({r["uri"] for r in results}) == 1
+    assert won.count(True) == 1  # exactly one published; three adopted it
+    assert len(_versions(storage)) == 1 and _unreferenced(storage) == []
+    _whole(results[0]["uri"], a)
+    winner = json.loads(open_store(storage).get_bytes(f"datasets/{results[0]['sha']}/manifest.json"))
+    assert all(StoredDataset(r["uri"]).manifest == winner for r in results)
