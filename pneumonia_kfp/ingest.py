@@ -16,7 +16,8 @@ the same version. Each file is read once, in worker processes: hashed, decoded a
 same bytes. Re-ingesting unchanged data reads no file, the way git's index works: a file whose
 size, times and inode are those recorded keeps its recorded sha256 (its content decides whenever
 they change; an s3:// source is judged by ETag), and the version's objects are checked the same
-way against the store's own stat or ETag. A damaged or missing object is rewritten in place.
+way against the store's own stat or ETag. A version with a damaged or missing object is repaired by
+ingesting it again: the objects are written anew and a complete manifest replaces the damaged one.
 
 Any number of ingests may write into one store at once, with the same data or not, without a lock:
 packs have names no other writer uses, the tensors and the report are the same bytes whoever

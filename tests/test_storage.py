@@ -178,3 +178,27 @@ def test_a_full_file_system_is_one_line_naming_the_file_and_size(tmp_path, monke
         store.put_new("v/manifest.json", b"1234567")
     monkeypatch.undo()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial file visible
+
+
+def test_put_new_on_a_server_without_conditional_writes_falls_back_to_a_plain_put(s3_env, monkeypatch):
+    from minio.error import S3Error
+
+    store = open_store(f"s3://bucket-{uuid.uuid4().hex[:8]}/p")
+    original = store.client._put_object
+
+    def no_conditions(bucket, name, data, headers=None, query_params=None):
+        if headers and "If-None-Match" in headers:
+            raise S3Error(None, "NotImplemented", "A header you provided implies functionality that is not "
+                          "implemented", name, "r", "h")
+        return original(bucket, name, data, headers, query_params)
+
+    monkeypatch.setattr(store.client, "_put_object", no_conditions)
+    assert store.put_new("m.json", b"first") is True and store.get_bytes("m.json") == b"first"
+    assert store.put_new("m.json", b"second") is True and store.get_bytes("m.json") == b"second"  # last one stands
+
+    def refused(*a, **k):
+        raise S3Error(None, "AccessDenied", "denied", "m.json", "r", "h")
+
+    monkeypatch.setattr(store.client, "_put_object", refused)
+    with pytest.raises(StorageError, match="AccessDenied"):
+        store.put_new("m.json", b"third")
