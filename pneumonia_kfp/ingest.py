@@ -17,7 +17,9 @@ same bytes. Re-ingesting unchanged data reads no file, the way git's index works
 size, times and inode are those recorded keeps its recorded sha256 (its content decides whenever
 they change; an s3:// source is judged by ETag), and the version's objects are checked the same
 way against the store's own stat or ETag. A version with a damaged or missing object is repaired by
-ingesting it again: the objects are written anew and a complete manifest replaces the damaged one.
+ingesting it again: its objects are written anew; if that makes the published manifest's objects
+whole again (a tensor or the report, the same bytes), that manifest stands, else (a pack, the
+manifest itself) this ingest's complete manifest replaces it.
 
 Any number of ingests may write into one store at once, with the same data or not, without a lock:
 packs have names no other writer uses, the tensors and the report are the same bytes whoever
@@ -158,12 +160,12 @@ def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] |
     try:  # a manifest whose stat is the one recorded when it was verified is not checksummed again
         manifest = read_manifest(version, verify=index.objects.get(manifest_key) != current[manifest_key])
     except IntegrityError as e:
-        log.warning("%s: rewriting the version in place", e)
+        log.warning("%s: writing the version anew", e)
         return None
     index.verified(manifest_key, current[manifest_key])
     damaged = index.damaged(root, sha, manifest, current)
     if damaged:
-        log.warning("dataset %s: %d damaged or missing object(s) (%s): rewriting the version in place",
+        log.warning("dataset %s: %d damaged or missing object(s) (%s): writing the version anew",
                     version.uri, len(damaged), ", ".join(damaged))
         return None
     log.info("dataset %s is already in the store: nothing to upload", version.uri)

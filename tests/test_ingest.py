@@ -132,6 +132,8 @@ def test_flipped_bytes_are_found_by_readers_and_repaired_by_reingesting(data, tm
     key = f"datasets/{info['sha']}/{target if target != 'raw' else entries[3]['pack']}"
     path = tmp_path / "store" / key
     good = path.read_bytes()
+    manifest_path = tmp_path / "store" / "datasets" / info["sha"] / "manifest.json"
+    published = manifest_path.read_bytes()
     at = entries[3]["offset"] if target == "raw" else max(0, len(good) // 2 - 2048)
     with open(path, "r+b") as f:  # flip 4 KB (or all of a smaller object) in place
         f.seek(at)
@@ -150,9 +152,12 @@ def test_flipped_bytes_are_found_by_readers_and_repaired_by_reingesting(data, tm
     repaired = StoredDataset(info["uri"])
     assert (repaired.split("train")[0] == x_before).all()
     assert repaired.raw(repaired.entries("train")[3]) == (data / entries[3]["path"]).read_bytes()
-    if target in ("tensors/train.npy", "validation.json"):  # rewritten byte for byte
-        assert path.read_bytes() == good
+    if target in ("tensors/train.npy", "validation.json"):  # rewritten byte for byte; the manifest stands
+        assert path.read_bytes() == good and manifest_path.read_bytes() == published
+        assert set(tmp_path.joinpath("store", "datasets", info["sha"], "raw").iterdir()) == \
+            {tmp_path / "store" / "datasets" / info["sha"] / e["pack"] for e in entries}  # its new packs: removed
     elif target == "raw":  # a pack is rewritten under a new name; the damaged one, referenced no more, is gc's
+        assert manifest_path.read_bytes() != published
         assert path.exists() and key.split("/", 2)[2] not in repaired.manifest["objects"]
         assert gc(storage, older_than=0).removed == [key]
         assert not path.exists() and StoredDataset(info["uri"]).split("train")[0].shape == x_before.shape
