@@ -162,6 +162,8 @@ def verify(storage: str, version: str | None = None) -> VerifyReport:
             report.problems.append(f"{uri}/{MANIFEST} names the pack {pack}, which it gives no sha256: {hint}")
         unreferenced += sum(1 for k in keys if k.split("/", 2)[2] not in manifest["objects"]
                             and not k.endswith(f"/{MANIFEST}"))
+    if not report.versions:  # a mistyped --storage finds nothing: say so rather than pass quietly
+        report.notes.append(f"{store.uri} holds no published dataset version")
     unfinished = len(store.unfinished()) if version is None else 0
     if unreferenced or unfinished:
         report.notes.append(f"{unreferenced} object(s) no published version references and {unfinished} unfinished "

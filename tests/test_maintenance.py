@@ -145,3 +145,9 @@ def test_cli_verify_exit_status_and_lines(tmp_path, image_folder):
     dur = subprocess.run([*CLI, "gc", "--storage", storage, "--older-than", "soon"], capture_output=True, text=True)
     assert dur.returncode == 2 and dur.stderr.strip().splitlines() == [
         "pneumonia-kfp gc: error: duration 'soon': use a number with s, m, h, d or w (e.g. 1d, 12h, 90s)"]
+
+
+def test_verify_of_a_store_without_versions_says_so(tmp_path):
+    report = verify((tmp_path / "nothing-here").as_uri())
+    assert report.problems == [] and report.versions == 0
+    assert report.notes == [f"{(tmp_path / 'nothing-here').as_uri()} holds no published dataset version"]
