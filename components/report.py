@@ -28,6 +28,7 @@ def report_op(
     import json
 
     from pneumonia_kfp.evaluation import ENSEMBLE, log_ui_metrics
+    from pneumonia_kfp.outputs import document, write_files
     from pneumonia_kfp.report import report_from_store
     from pneumonia_kfp.runs import load_results
 
@@ -35,9 +36,8 @@ def report_op(
     with open(dataset.path) as f:
         info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
     combined, md, page, csv = report_from_store(info, models)
-    for artifact, text in ((markdown, md), (html, page), (summary, json.dumps(combined, indent=1)), (predictions, csv)):
-        with open(artifact.path, "w") as f:
-            f.write(text)
+    # strict JSON, and every file whole or not at all
+    write_files({markdown.path: md, html.path: page, summary.path: document(combined), predictions.path: csv})
     summary.metadata["best"] = combined["best"]["backbone"]
     for m in combined["models"]:
         if m["backbone"] == ENSEMBLE:

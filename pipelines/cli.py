@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -71,8 +72,10 @@ def evaluate_cmd(args) -> int:
 
     results = evaluate_folder(args.model, args.data, Path(args.output))
     t = results["models"][0]["test"]
-    print(f"accuracy {t['accuracy']:.4f}  F1 {t['f1']:.4f}  sensitivity {t['recall']:.4f}  "
-          f"specificity {t['specificity']:.4f}  AUC {t['auc']:.4f}  (n = {t['n']})")
+    figures = (("accuracy", "accuracy"), ("F1", "f1"), ("sensitivity", "recall"), ("specificity", "specificity"),
+               ("AUC", "auc"))
+    shown = [f"{name} {t[key]:.4f}" for name, key in figures if t[key] is not None]  # only the defined ones
+    print("  ".join(shown) + f"  (n = {t['n']})")
     print(Path(args.output) / "results.json")
     return 0
 
@@ -204,6 +207,38 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoniaKfpError as e:
         print(f"pneumonia-kfp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return unexpected(args.command, e)
+        where = f" writing {e.filename}" if e.filename else ""  # a full disk the writer did not name itself
+        print(f"pneumonia-kfp {args.command}: error: no space left on the device{where}: free some space there, "
+              "or set TMPDIR (temporary files) or choose an output folder elsewhere", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug or an unforeseen failure: one line here, the traceback in a log file
+        return unexpected(args.command, e)
+
+
+def unexpected(command: str, e: Exception) -> int:
+    """One line for an exception nobody foresaw, naming the log file its traceback went to; exit 1."""
+    where = write_traceback(command)
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"pneumonia-kfp {command}: error: unexpected {type(e).__name__}{': ' + first if first else ''} "
+          f"({where})", file=sys.stderr)
+    return 1
+
+
+def write_traceback(command: str) -> str:
+    """The current exception's traceback into $TMPDIR/pneumonia-kfp-<command>-<time>-<pid>.log; where it
+    is, for the error line (or why it could not be written: a full disk, say)."""
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"pneumonia-kfp-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        with open(path, "w") as f:
+            f.write(f"pneumonia-kfp {command} (argv: {sys.argv!r})\n{traceback.format_exc()}")
+    except OSError as err:
+        return f"the traceback could not be written to {path}: {err.strerror or err}"
+    return f"traceback in {path}"
 
 
 if __name__ == "__main__":

@@ -151,15 +151,95 @@ def predict(model, images, mean: float, std: float, tta: bool = False):
 def save_checkpoint(path, model, **meta) -> None:
     import torch
 
+    from pneumonia_kfp.outputs import replacing
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, **meta}, path)
+    with replacing(path) as tmp:  # whole or not at all
+        torch.save({"state_dict": state, **meta}, tmp)
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, metadata) from a checkpoint written by train."""
+class ModelFileError(UsageError):
+    """A model file that cannot be used: missing, damaged, of another kind, or not this project's."""
+
+
+CHECKPOINT_KEYS = ("state_dict", "backbone", "classes")  # what loading the model needs
+SERVING_FORMATS = {".onnx": "an ONNX model", ".pt2": "a torch.export program"}
+WHERE_MODELS_ARE = "a model directory (OUT/models/<backbone> of run-local, or the train step's model artifact)"
+
+
+def read_checkpoint(path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """The checkpoint dict train wrote to ``path``, its keys checked; a ModelFileError (one line naming
+    the file and what is wrong) for anything else. Only tensors and plain data are unpickled."""
+    import pickle
+
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_backbone(ckpt["backbone"], num_classes=len(ckpt["classes"]))
-    model.load_state_dict(ckpt.pop("state_dict"))
+    path = Path(path)
+    if path.suffix in SERVING_FORMATS:
+        raise ModelFileError(f"{path} is {SERVING_FORMATS[path.suffix]}, a serving form: pass {WHERE_MODELS_ARE}, "
+                             f"e.g. {path.parent}, whose checkpoint.pt this command reads")
+    if not path.exists():
+        raise ModelFileError(f"model {path} does not exist: pass {WHERE_MODELS_ARE}")
+    if not path.is_file():
+        raise ModelFileError(f"model {path} is not a file: pass {WHERE_MODELS_ARE}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "weights_only" in str(e):  # the weights-only unpickler's refusal
+            what = str(e).split("Unsupported global:", 1)[-1].split(" was not ")[0].strip(" .:") \
+                if "Unsupported global:" in str(e) else "a Python object"
+            raise ModelFileError(f"{path} holds pickled code ({what[:120]}), which is never loaded: only tensors "
+                                 "and plain data are read from a checkpoint. Use a checkpoint written by "
+                                 "pneumonia-kfp train") from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # arbitrary bytes make the unpickler raise almost anything
+        raise _unreadable(path, e) from None
+    if not isinstance(ckpt, dict):
+        raise ModelFileError(f"{path} holds a {type(ckpt).__name__}, not a pneumonia-kfp checkpoint (a dict with "
+                             f"{', '.join(required)}): pass the checkpoint.pt train wrote")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ModelFileError(f"{path} is a torch file but not a pneumonia-kfp checkpoint: it lacks "
+                             f"{', '.join(missing)}. Pass the checkpoint.pt train wrote")
+    return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0].split(". ")[0][:160] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _unreadable(path: Path, e: BaseException) -> ModelFileError:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = path.stat().st_size
+    if head.startswith(b"PK"):  # a zip archive, as torch.save writes: cut short or damaged
+        return ModelFileError(f"{path} ({size:,} bytes) is a damaged torch checkpoint, truncated perhaps "
+                              f"({_first_line(e)}): copy it again from the training output")
+    return ModelFileError(f"{path} ({size:,} bytes) is not a torch checkpoint ({_first_line(e)}): pass the "
+                          "checkpoint.pt train wrote")
+
+
+def _state_dict_problem(e: BaseException) -> str:
+    """The first specific line of load_state_dict's error ("size mismatch for fc.weight: ...")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [""])[0]
+    return detail[:140] or type(e).__name__
+
+
+def load_checkpoint(path, device="cpu", required: tuple[str, ...] = CHECKPOINT_KEYS):
+    """(model, metadata) from a checkpoint written by train; a ModelFileError names what is wrong
+    (``required``: the keys the caller reads, besides the model's)."""
+    ckpt = read_checkpoint(path, tuple(dict.fromkeys(CHECKPOINT_KEYS + tuple(required))))
+    try:
+        model = create_backbone(ckpt["backbone"], num_classes=len(ckpt["classes"]))
+    except BackboneError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    try:
+        model.load_state_dict(ckpt.pop("state_dict"))
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{path}: its weights do not fit a {ckpt['backbone']} with {len(ckpt['classes'])} "
+                             f"classes ({_state_dict_problem(e)}): its backbone, classes or head were "
+                             "changed after training; use the checkpoint.pt train wrote") from None
     return model.to(device), ckpt

@@ -61,7 +61,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[ImageFile]]:
             _check_inside(root / s, real_root, root)
             tree[s] = {}
             for d in _visible(root / s):
-                if d.is_dir():
+                if _is_class_folder(d, real_root):
                     _check_inside(Path(d.path), real_root, root)
                     tree[s][d.name] = [e for e in _visible(d.path) if e.is_symlink() or not e.is_dir()]
     classes = check_layout(str(root), {s: {c: len(es) for c, es in cs.items()} for s, cs in tree.items()})
@@ -72,6 +72,32 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[ImageFile]]:
                 st, problem = _stat(e, real_root)
                 files.append(ImageFile(s, c, e.path, f"{s}/{c}/{e.name}", st, problem))
     return classes, files
+
+
+def scan_class_folders(root: str | Path) -> tuple[list[str], list[ImageFile]]:
+    """A folder to score (evaluate): ``root/test/<class>/`` when there is a ``test/`` folder, else
+    ``root/<class>/``. Class names (sorted) and the files, checked as ``scan_image_folder`` checks them:
+    one ``stat`` each, none opened, each unreadable one listed with its reason; a test or class folder
+    resolving outside the root, a class folder that is a symlink loop or leads nowhere, or one with no
+    files, is an error. Files directly in the folder beside the class folders are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist or is not a directory")
+    real_root = os.path.realpath(root)
+    split, base = ("test", root / "test") if (root / "test").is_dir() else ("", root)
+    _check_inside(base, real_root, root)
+    folders = {}
+    for d in _visible(base):
+        if _is_class_folder(d, real_root):
+            _check_inside(Path(d.path), real_root, root)
+            folders[d.name] = [e for e in _visible(d.path) if e.is_symlink() or not e.is_dir()]
+    for c, entries in folders.items():
+        if not entries:
+            raise DataError(f"{base / c} holds no images: put the class's images in it or remove it")
+    prefix = f"{split}/" if split else ""
+    files = [ImageFile(split or "test", c, e.path, f"{prefix}{c}/{e.name}", *_stat(e, real_root))
+             for c in sorted(folders) for e in folders[c]]
+    return sorted(folders), files
 
 
 def image_folder_from_keys(keys: list[str], where: str, root: Path) -> tuple[list[str], list[ImageFile]]:
@@ -107,6 +133,22 @@ def check_layout(where: str, counts: dict[str, dict[str, int]]) -> list[str]:
                 raise DataError(f"{where}/{s}/{c} holds no images: every split needs at least one image of "
                                 "every class")
     return classes
+
+
+def _is_class_folder(d: os.DirEntry, real_root: str) -> bool:
+    """Whether an entry beside the class folders is a folder. A symlink there that leads nowhere (a
+    loop, a dangling link) is an error: it would leave a class out silently (and a loop makes
+    ``DirEntry.is_dir`` raise)."""
+    try:
+        if d.is_dir():
+            return True
+    except OSError:
+        pass
+    why = _stat(d, real_root)[1] if d.is_symlink() else None
+    if why and why.startswith(("symlink loop", "broken", "cannot")):
+        raise DataError(f"{d.path} is a {why}, where a class folder was expected: replace it with the folder "
+                        "of images or remove it")
+    return False
 
 
 def _visible(folder) -> list[os.DirEntry]:

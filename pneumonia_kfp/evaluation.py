@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,15 +110,21 @@ def model_document(meta: dict, parameters: int, predictions: dict) -> dict:
 
 
 def _load(model_path: str, device):
-    from pneumonia_kfp.backbones import load_checkpoint
-    from pneumonia_kfp.errors import UsageError
-    from pneumonia_kfp.export import checkpoint_in
+    from pneumonia_kfp.backbones import WHERE_MODELS_ARE, ModelFileError, load_checkpoint
+    from pneumonia_kfp.export import CHECKPOINT, checkpoint_in
 
-    checkpoint = checkpoint_in(model_path)
-    if not Path(checkpoint).is_file():
-        raise UsageError(f"model {model_path}: no checkpoint there; pass a model directory "
-                         "(OUT/models/<backbone> of run-local, or the train step's model artifact)")
-    return load_checkpoint(checkpoint, device)
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelFileError(f"model {model_path} does not exist: pass {WHERE_MODELS_ARE}")
+    if path.is_dir() and not (path / CHECKPOINT).is_file():
+        raise ModelFileError(f"model {model_path}: no checkpoint there ({CHECKPOINT} is missing); pass "
+                             f"{WHERE_MODELS_ARE}")
+    return load_checkpoint(checkpoint_in(model_path), device, required=EVALUATE_KEYS)
+
+
+# what a result document takes from the checkpoint (train writes them all)
+EVALUATE_KEYS = ("image_size", "mean", "std", "epochs", "pretrained", "val", "seconds", "images_per_second",
+                 "best_epoch", "device", "val_source", "history", "val_predictions", "thresholds", "threshold_rule")
 
 
 def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict:
@@ -142,6 +147,7 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
     predictions = {"test": predictions_block(entries, y, predict(model, x, meta["mean"], meta["std"], tta))}
     if external_data:
         ex, ey, ee = load_folder(external_data, meta["image_size"], meta["classes"])
+        warn_one_class(external_data, ey, meta["classes"])
         predictions["external"] = predictions_block(ee, ey, predict(model, ex, meta["mean"], meta["std"], tta))
     return model_document(meta, sum(p.numel() for p in model.parameters()), predictions)
 
@@ -185,57 +191,68 @@ def ensemble(models: list[dict]) -> dict | None:
     return scored_document(head, predictions, rules, rule, classes)
 
 
+def warn_one_class(data: str, labels, classes: list[str]) -> None:
+    """One warning line when ``data`` holds one class only: name the figures left undefined (null)."""
+    from pneumonia_kfp.metrics import undefined
+
+    names = {"recall": "sensitivity", "specificity": "specificity", "f1": "F1", "auc": "AUC"}
+    missing = [c for i, c in enumerate(classes) if not (np.asarray(labels) == i).any()]
+    if missing:
+        figures = ", ".join(names[k] for k in names if k in undefined(labels))
+        log.warning("%s holds no %s images: %s need both classes and are undefined (null in results.json); "
+                    "the other figures are shown", data, " or ".join(missing), figures)
+
+
+REJECTED_REMEDY = "Fix or remove them: every file of the folder is scored."
+
+
 def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """An ImageFolder to score: its ``test/`` split when it has one, else its class folders.
 
-    Images are decoded and resized as ingest does; every file must decode (a one-line error names
-    the rejected ones). Returns uint8 N×1×S×S images, labels (indices into ``classes``) and entries.
+    Read as ingest reads a dataset: the same scan (one stat per file, nothing outside the data root
+    followed) and the same reader (each file opened once, never blocking, decoded fully and resized), so
+    whatever ingest refuses is refused here; every file must be accepted (a one-line error names the
+    rejected ones). Returns uint8 N×1×S×S images, labels (indices into ``classes``) and entries.
     """
     from pneumonia_kfp import validation
-    from pneumonia_kfp.data import ImageFile, patient_id
-    from pneumonia_kfp.ingest import S3Source, open_source
-    from pneumonia_kfp.params import max_pixels
+    from pneumonia_kfp.data import patient_id, scan_class_folders
+    from pneumonia_kfp.ingest import LocalSource, S3Source, Settings, open_source, read_files
+    from pneumonia_kfp.params import default, max_pixels
 
     with scratch_dir("external-") as tmp:
-        source = open_source(data, Path(tmp))
+        source = open_source(data, Path(tmp) / "source")
         if isinstance(source, S3Source):  # an s3:// prefix: its objects into tmp, then read as a folder
-            for key in source.etags:
-                source.store.get_file(key, Path(tmp) / key)
-            root = Path(tmp)
-        else:
-            root = source.root
-        if not root.is_dir():
-            raise DataError(f"external data {data} does not exist or is not a directory")
-        base = root / "test" if (root / "test").is_dir() else root
-        found = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+            keys = [k for k in source.etags if 2 <= k.count("/") + 1 <= 3]  # <class>/<name>, test/<class>/<name>
+            if not keys:
+                raise DataError(f"{data} holds no files in <class>/ or test/<class>/ folders")
+            if any(k.startswith("test/") for k in keys):
+                keys = [k for k in keys if k.startswith("test/")]
+            for key in keys:
+                source.store.get_file(key, source.workdir / key)
+            source = LocalSource(source.workdir, data)
+        found, files = scan_class_folders(source.root)
+        base = f"{data}/test" if any(f.relpath.startswith("test/") for f in files) else data
         unknown = sorted(set(found) - set(classes))
         if not found or unknown:
             raise DataError(f"{base} has class folders {found}: expected some of {classes} (the model's classes), "
                             f"in {data}/test/<class>/ or {data}/<class>/")
-        files = [ImageFile("test", c, p, f"{p.relative_to(root)}") for c in found
-                 for p in sorted((base / c).iterdir()) if not p.name.startswith(".")]
-        if not files:
-            raise DataError(f"{base} holds no images")
-        limit = max_pixels()
-
-        def check(f: ImageFile):
-            if not f.path.is_file():  # a FIFO or device would block a read: refused by its stat, unopened
-                return None, "not a regular file"
-            return validation.check_image(f.path.read_bytes(), image_size, limit)
-
-        with ThreadPoolExecutor(4) as pool:
-            checked = list(pool.map(check, files))
-    rejected = [{"path": f.relpath, "reason": why} for f, (_, why) in zip(files, checked, strict=True) if why]
-    if rejected:
-        raise validation.rejection_error(rejected, len(files))
-    entries = [{"path": f.relpath, "patient": patient_id(f.path.name), "class": f.label} for f in files]
+        settings = Settings(image_size, default("seed"), "fail", max_pixels())
+        results = read_files(source, files, Path(tmp), settings, workers=None)
+        rejected = [{"path": f.relpath, "reason": r.reason} for f, r in zip(files, results, strict=True) if r.reason]
+        if rejected:
+            raise validation.rejection_error(rejected, len(files), REJECTED_REMEDY)
+        rows = np.fromfile(Path(tmp) / "rows.u8", dtype=np.uint8, count=len(files) * image_size ** 2)
+    images = rows.reshape(len(files), 1, image_size, image_size)
+    entries = [{"path": f.relpath, "patient": patient_id(f.name), "class": f.label} for f in files]
     labels = np.array([classes.index(f.label) for f in files], dtype=np.int64)
-    return np.stack([img for img, _ in checked])[:, None], labels, entries
+    return images, labels, entries
 
 
 def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
     """``pneumonia-kfp evaluate``: score a trained model on any ImageFolder; write OUT/results.json,
-    report.md, report.html and predictions.csv in the pipeline's contract."""
+    report.md, report.html and predictions.csv in the pipeline's contract. A folder of one class is
+    scored with the figures that need both classes (specificity or sensitivity, AUC) left undefined
+    (null), and a warning."""
     from pneumonia_kfp.backbones import predict
     from pneumonia_kfp.device import select_device
     from pneumonia_kfp.report import report, write_outputs
@@ -243,10 +260,11 @@ def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
     out = Path(output)
     model, meta = _load(model_path, select_device())
     x, y, entries = load_folder(data, meta["image_size"], meta["classes"])
+    counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}
+    warn_one_class(data, y, meta["classes"])
     prob = predict(model, x, meta["mean"], meta["std"], meta.get("tta", False))
     doc = model_document(meta, sum(p.numel() for p in model.parameters()),
                          {"test": predictions_block(entries, y, prob)})
-    counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}
     dataset = {"uri": str(data), "classes": meta["classes"], "counts": {"test": counts},
                "external": True, "model": str(model_path)}
     results, md, page, csv = report(dataset, [doc], images={e["path"]: img for e, img in zip(entries, x, strict=True)})
@@ -261,5 +279,5 @@ def log_ui_metrics(doc: dict, metrics, classification) -> None:
         metrics.log_metric(name, value)
     classification.log_confusion_matrix(doc["test"]["labels"], doc["test"]["confusion_matrix"])
     roc = doc["roc"]
-    if all(math.isfinite(v) for v in roc["fpr"] + roc["tpr"]):  # undefined on a one-class test split
+    if roc["fpr"] and all(math.isfinite(v) for v in roc["fpr"] + roc["tpr"]):  # none on a one-class split
         classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])

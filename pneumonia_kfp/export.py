@@ -18,6 +18,8 @@ import logging
 import warnings
 from pathlib import Path
 
+from pneumonia_kfp.outputs import document, replacing, write_file
+
 CHECKPOINT, PT2, ONNX, METADATA = "checkpoint.pt", "model.pt2", "model.onnx", "metadata.json"
 FORMATS = {"torch.export": PT2, "onnx": ONNX}
 log = logging.getLogger(__name__)
@@ -68,9 +70,11 @@ def export_model(directory: str | Path) -> dict:
     dynamic = {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
     with torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=dynamic)
-    torch.export.save(program, directory / PT2, extra_files={METADATA: json.dumps(info)})
-    _export_onnx(module, example, dynamic, directory / ONNX, info)
-    (directory / METADATA).write_text(json.dumps(info, indent=1))
+    with replacing(directory / PT2) as tmp:  # whole or not at all (a full disk leaves no cut file)
+        torch.export.save(program, tmp, extra_files={METADATA: document(info, indent=None)})
+    with replacing(directory / ONNX) as tmp:
+        _export_onnx(module, example, dynamic, tmp, info)
+    write_file(directory / METADATA, document(info))
     return info
 
 
@@ -85,7 +89,7 @@ def _export_onnx(module, example, dynamic, path: Path, info: dict) -> None:
         program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic, input_names=["images"],
                                     output_names=["probability"], verbose=False)
     proto = program.model_proto
-    proto.metadata_props.add(key=METADATA, value=json.dumps(info))
+    proto.metadata_props.add(key=METADATA, value=document(info, indent=None))
     onnx.save(proto, str(path))
 
 

@@ -120,16 +120,30 @@ def bootstrap_ci(y_true, prob, threshold: float, resamples: int = BOOTSTRAP_RESA
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
 
 
+def undefined(y_true) -> set[str]:
+    """The figures that have no value on these labels: with no positive image, sensitivity (recall) and
+    F1 (of the positive class); with no negative one, specificity; with either missing, AUC."""
+    y_true = np.asarray(y_true)
+    out = set()
+    if not (y_true == 1).any():
+        out |= {"recall", "sensitivity", "f1", "auc"}
+    if not (y_true == 0).any():
+        out |= {"specificity", "auc"}
+    return out
+
+
 def classification_report(y_true, prob, threshold: float, classes: list[str], ci_seed: int = 0,
                           groups=None) -> dict:
-    """The per-split block of results.json; ``groups`` (patient ids) make the bootstrap patient-level."""
+    """The per-split block of results.json; ``groups`` (patient ids) make the bootstrap patient-level.
+    A figure the labels leave undefined (one class only: see ``undefined``) is None (JSON null), and
+    the block lists them under ``undefined``."""
     y_true, prob = np.asarray(y_true), np.asarray(prob)
     pred = (prob >= threshold).astype(int)
     cm = skm.confusion_matrix(y_true, pred, labels=[0, 1])
     (tn, fp), (fn, tp) = cm
     rates = _rates(tn, fp, fn, tp)
     clusters = len(set(map(str, groups))) if groups is not None else len(y_true)
-    return {
+    block = {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, pred)),
         "precision": float(skm.precision_score(y_true, pred, zero_division=0)),
@@ -142,18 +156,27 @@ def classification_report(y_true, prob, threshold: float, classes: list[str], ci
         "ci95": bootstrap_ci(y_true, prob, threshold, seed=ci_seed, groups=groups),
         "bootstrap": {"unit": "patient" if clusters < len(y_true) else "image", "clusters": clusters},
     }
+    missing = undefined(y_true)
+    if missing:
+        block.update({k: None for k in missing if k in block})
+        block["undefined"] = sorted(k for k in missing if k in block)
+    return block
 
 
 def rates_at(y_true, prob, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity and F1 at one threshold (an operating point's figures)."""
+    """Accuracy, sensitivity, specificity and F1 at one threshold (an operating point's figures); None
+    for a figure the labels leave undefined."""
     y_true, pred = np.asarray(y_true), np.asarray(prob) >= threshold
     pos = y_true == 1
     r = _rates(*(int(v) for v in ((~pred & ~pos).sum(), (pred & ~pos).sum(), (~pred & pos).sum(), (pred & pos).sum())))
-    return {k: float(v) for k, v in r.items()}
+    missing = undefined(y_true)
+    return {k: None if k in missing else float(v) for k, v in r.items()}
 
 
 def roc_points(y_true, prob, max_points: int = 200) -> dict:
-    """ROC curve thinned to at most ``max_points`` (for the UI and the report)."""
+    """ROC curve thinned to at most ``max_points`` (for the UI and the report); empty with one class."""
+    if len(np.unique(np.asarray(y_true))) < 2:  # no curve: one of its axes would be 0/0
+        return {"fpr": [], "tpr": [], "thresholds": []}
     fpr, tpr, thr = skm.roc_curve(y_true, prob, drop_intermediate=True)
     thr = np.minimum(thr, 1.0)  # sklearn's first threshold is +inf
     if len(fpr) > max_points:

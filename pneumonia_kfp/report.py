@@ -79,14 +79,28 @@ def confident_errors(model: dict, per_kind: int = 4) -> list[dict]:
     return fp[:per_kind] + fn[:per_kind]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
+UNDEFINED = "undefined"  # a figure the data leaves without a value (one class only): null in results.json
+
+
+def _pct(x: float | None) -> str:
+    return UNDEFINED if x is None else f"{100 * x:.2f}"
 
 
 def _with_ci(block: dict, key: str, pct: bool = True, ci_key: str | None = None) -> str:
-    fmt = _pct if pct else (lambda v: f"{v:.4f}")
+    fmt = _pct if pct else (lambda v: UNDEFINED if v is None else f"{v:.4f}")
     ci = block.get("ci95", {}).get(ci_key or key)
-    return f"{fmt(block[key])} ({fmt(ci[0])}–{fmt(ci[1])})" if ci else fmt(block[key])
+    return f"{fmt(block[key])} ({fmt(ci[0])}–{fmt(ci[1])})" if ci and block[key] is not None else fmt(block[key])
+
+
+def undefined_note(results: dict, split: str = "test") -> str:
+    """A sentence naming the figures the data left undefined (a split of one class), or ''."""
+    names = sorted({k for m in results["models"] for k in (m.get(split) or {}).get("undefined", [])})
+    if not names:
+        return ""
+    counts = results["dataset"].get("counts", {}).get(split, {})
+    present = [c for c, n in counts.items() if n] or ["one class"]
+    return (f"These images are all {' / '.join(present)}: {', '.join(names)} need images of both classes and "
+            "are undefined (null in results.json).")
 
 
 def _count(n) -> str:
@@ -139,7 +153,8 @@ def operating_point_rows(results: dict, split: str = "test") -> list[list[str]]:
             s = op[split]
             rows.append([m["backbone"], op["rule"] + (" (default)" if op["default"] else ""), f"{op['threshold']:.3f}",
                          _pct(op["val"]["sensitivity"]), _pct(op["val"]["specificity"]), _pct(s["accuracy"]),
-                         f"{s['f1']:.4f}", _pct(s["sensitivity"]), _pct(s["specificity"])])
+                         UNDEFINED if s["f1"] is None else f"{s['f1']:.4f}", _pct(s["sensitivity"]),
+                         _pct(s["specificity"])])
     return rows
 
 
@@ -188,13 +203,16 @@ def markdown(results: dict) -> str:
     lines += [_dataset_line(results["dataset"]), ""]
     lines += _md_table(HEADER, table_rows(results) + [seed_row()])
     lines += ["", _ci_note(results) + " The last row is the AIMI Lab1 seed's " + SEED_NOTE + ": not comparable."]
+    if undefined_note(results):
+        lines += ["", f"**{undefined_note(results)}**"]
     if results["best"]:
         lines += ["", f"**Best model: {results['best']['backbone']}** — rule: {results['best']['rule']}."]
     lines += ["", "## Operating points (thresholds chosen on validation, each with its test result)", "",
               *_md_table(OP_HEADER, operating_point_rows(results)), "", SHIFT_NOTE]
     if any(m.get("external") for m in results["models"]):
+        note = undefined_note(results, "external")
         lines += ["", "## External data", "", *_md_table(HEADER, table_rows(results, "external")), "",
-                  _ci_note(results, "external"), "",
+                  _ci_note(results, "external") + (f" **{note}**" if note else ""), "",
                   *_md_table(EXTERNAL_OP_HEADER, operating_point_rows(results, "external"))]
     lines += ["", "## Confusion matrices (test; rows true, columns predicted)", ""]
     for m in results["models"]:
@@ -232,8 +250,10 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
     for i, m in enumerate(results["models"]):
         t = m["test"]
         color, style = ("k", "--") if m.get("members") else (f"C{i % 10}", "-")  # the ensemble: black, dashed
-        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {t['auc']:.3f})")
-        ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=color, ms=5)
+        auc = UNDEFINED if t["auc"] is None else f"{t['auc']:.3f}"
+        ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {auc})")
+        if t["specificity"] is not None and t["recall"] is not None:
+            ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=color, ms=5)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test (dots: chosen thresholds)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
@@ -323,6 +343,7 @@ def _html(results: dict, figs: dict[str, str], thumbs: str = "") -> str:
         best_line, _html_table(HEADER, table_rows(results), best, seed=True),
         f'<p class="small">{e(_ci_note(results))} Grey row: the AIMI Lab1 seed\'s {e(SEED_NOTE)} — '
         "a reference, not comparable.</p>",
+        f'<p class="note">{e(undefined_note(results))}</p>' if undefined_note(results) else "",
         '<p class="small">' + re.sub(r"`([^`]*)`", r"<code>\1</code>", e(_dataset_line(results["dataset"]))) + "</p>",
         "<h2>Operating points (thresholds chosen on validation)</h2>",
         _html_table(OP_HEADER, operating_point_rows(results)), f'<p class="small">{e(SHIFT_NOTE)}</p>',
@@ -371,15 +392,21 @@ OUTPUT_FILES = {"results": "results.json", "markdown": "report.md", "html": "rep
 
 
 def write_outputs(out, results: dict, md: str, page: str, csv: str) -> None:
-    """OUT/results.json, report.md, report.html and predictions.csv."""
-    import json
+    """OUT/results.json, report.md, report.html and predictions.csv, all or none: each is written under a
+    temporary name and renamed only once all four are complete (a full disk leaves the previous ones)."""
     from pathlib import Path
 
+    from pneumonia_kfp.outputs import OutputError, document, write_error, write_files
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for key, text in (("results", json.dumps(results, indent=1)), ("markdown", md), ("html", page),
-                      ("predictions", csv)):
-        (out / OUTPUT_FILES[key]).write_text(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from e
+    if not out.is_dir():
+        raise OutputError(f"cannot write into {out}: it is not a directory; choose another output folder")
+    texts = {"results": document(results), "markdown": md, "html": page, "predictions": csv}
+    write_files({out / OUTPUT_FILES[key]: text for key, text in texts.items()})
 
 
 def report_from_store(dataset: dict, models: list[dict]) -> tuple[dict, str, str, str]:

@@ -38,7 +38,7 @@ def save_result(run_dir: str, result: dict) -> str:
     """Write one model's results (a dict with ``backbone``) into the run folder; the object's URI."""
     store = open_store(run_dir)
     key = result_key(result["backbone"])
-    store.put_bytes(key, json.dumps(result, indent=1).encode())
+    store.put_bytes(key, json.dumps(result, indent=1, allow_nan=False).encode())  # NaN is not JSON: null
     return store.uri_of(key)
 
 

@@ -69,13 +69,18 @@ def check_image(data: bytes, size: int, max_pixels: int, min_side: int = MIN_SID
         Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def rejection_error(rejected: list[dict], total: int) -> DataError:
+SKIP_REMEDY = ("Fix or remove them, or pass --on-invalid skip to leave them out (the validation report lists "
+               "every one).")
+
+
+def rejection_error(rejected: list[dict], total: int, remedy: str = SKIP_REMEDY) -> DataError:
+    """The one-line error for rejected files (the first five named); ``remedy`` says what to do, offering
+    only the flags of the command that raises it. The error's ``rejected`` holds every one."""
     shown = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
     more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
-    return DataError(
-        f"{len(rejected)} of {total} files rejected: {shown}{more}. Fix or remove them, or pass "
-        "--on-invalid skip to leave them out (the validation report lists every one)."
-    )
+    error = DataError(f"{len(rejected)} of {total} files rejected: {shown}{more}. {remedy}")
+    error.rejected = rejected
+    return error
 
 
 def check_classes(files: list[ImageFile], splits: list[str], classes: list[str], where: str) -> None:

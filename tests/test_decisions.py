@@ -4,6 +4,7 @@ Each expected value comes from first principles (counting) or straight from scik
 same inputs, never from the function under test.
 """
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -111,16 +112,28 @@ def test_bootstrap_intervals_match_a_hand_computed_resample():
     assert bootstrap_ci(y[y == 1], prob[y == 1], 0.5) == {}  # one class: no interval
 
 
-def test_rates_without_a_class_are_zero_not_nan():
+def test_rates_without_a_class_are_zero_or_null_never_nan():
     # a resample can lack predicted positives: precision/F1 undefined -> 0, not a crash or NaN
     y = np.array([0, 0, 1, 1])
     r = classification_report(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, CLASSES)
     assert r["confusion_matrix"] == [[2, 0], [2, 0]]
     assert r["f1"] == 0 and r["precision"] == 0 and r["recall"] == 0 and r["specificity"] == 1
+    assert "undefined" not in r  # both classes present: every figure has a value
+    # labels of one class: what needs the other class is null (valid JSON), the rest has its value
     no_positives = classification_report(np.array([0, 0]), np.array([0.2, 0.7]), 0.5, CLASSES)
-    assert no_positives["recall"] == 0 and no_positives["precision"] == 0  # nothing to find: 0, not 1
+    assert no_positives["recall"] is None and no_positives["f1"] is None and no_positives["auc"] is None
+    assert no_positives["precision"] == 0 and no_positives["specificity"] == 0.5 and no_positives["accuracy"] == 0.5
+    assert no_positives["undefined"] == ["auc", "f1", "recall"]
     one_class = classification_report(np.array([1, 1]), np.array([0.6, 0.7]), 0.5, CLASSES)
-    assert np.isnan(one_class["auc"]) and one_class["ci95"] == {} and one_class["specificity"] == 0
+    assert one_class["auc"] is None and one_class["specificity"] is None and one_class["ci95"] == {}
+    assert one_class["recall"] == 1 and one_class["f1"] == 1 and one_class["undefined"] == ["auc", "specificity"]
+    json.dumps([no_positives, one_class], allow_nan=False)  # strict JSON: no NaN anywhere
+    assert rates_at(np.array([1, 1, 1]), np.array([0.2, 0.6, 0.7]), 0.5) == {
+        "accuracy": pytest.approx(2 / 3), "sensitivity": pytest.approx(2 / 3), "specificity": None,
+        "f1": pytest.approx(0.8)}
+    assert rates_at(np.array([0, 0]), np.array([0.2, 0.7]), 0.5) == {
+        "accuracy": 0.5, "sensitivity": None, "specificity": 0.5, "f1": None}
+    assert roc_points(np.array([1, 1]), np.array([0.2, 0.7])) == {"fpr": [], "tpr": [], "thresholds": []}
     ci = bootstrap_ci(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, resamples=20)
     assert ci["f1"] == [0.0, 0.0] and ci["sensitivity"] == [0.0, 0.0] and ci["specificity"] == [1.0, 1.0]
 
@@ -161,16 +174,21 @@ def hand_rates(tn, fp, fn, tp) -> dict:
     ([0, 0], [0.1, 0.2]),  # no positives, none predicted: sensitivity and F1 0/0
     ([1, 1], [0.1, 0.2]),  # no negatives: specificity 0/0
 ])
-def test_operating_point_rates_are_counted_and_zero_when_undefined(y, prob):
+def test_operating_point_rates_are_counted_and_null_when_undefined(y, prob):
     got = rates_at(y, prob, 0.5)
     want = hand_rates(*counts(y, prob, 0.5))
-    assert got == pytest.approx(want) and all(isinstance(v, float) for v in got.values())
+    if 1 not in y:  # nothing to find: sensitivity, and the positive class's F1, have no value
+        want.update(sensitivity=None, f1=None)
+    if 0 not in y:  # no negatives: specificity has none
+        want.update(specificity=None)
+    assert got == pytest.approx(want)
+    assert all(isinstance(got[k], float) for k in want if want[k] is not None)
 
 
-def test_report_of_a_split_with_nothing_to_find_and_nothing_found_is_zero():
+def test_report_of_a_split_with_nothing_to_find_and_nothing_found():
     r = classification_report(np.array([0, 0]), np.array([0.1, 0.2]), 0.5, CLASSES)
     assert r["confusion_matrix"] == [[2, 0], [0, 0]]
-    assert (r["f1"], r["precision"], r["recall"], r["specificity"], r["accuracy"]) == (0, 0, 0, 1, 1)
+    assert (r["f1"], r["precision"], r["recall"], r["specificity"], r["accuracy"]) == (None, 0, None, 1, 1)
 
 
 def test_the_reports_interval_is_the_seeded_patient_bootstrap_of_that_split():
