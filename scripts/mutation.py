@@ -59,11 +59,26 @@ MODULES = {
         skip=[r"^(?!.*(\bbest\b|threshold|val_auc|val_loss|\bheld\b|MIN_VAL|VAL_FRACTION|concatenate|identity\(|"
               r"\"(backbone|epochs|batch_size|learning_rate|seed|pretrained|weights|recipe)\": )).*$"]),
     "report": Module(
-        "pneumonia_kfp/report.py", ["x_best_model", "x_combine", "x_*ensemble*"],
-        ["tests/test_decisions.py"]),
+        "pneumonia_kfp/report.py", ["x_best_model", "x_combine", "x_*ensemble*", "x_write_outputs"],
+        ["tests/test_decisions.py", "tests/test_outputs.py"]),
+    # what evaluate reads (folders through ingest's scan and reader, model files) and what it answers
+    "evaluation": Module(
+        "pneumonia_kfp/evaluation.py", ["x__load", "x_load_folder", "x_warn_one_class"],
+        ["tests/test_evaluate_inputs.py"]),
+    "backbones": Module(
+        "pneumonia_kfp/backbones.py", ["x_read_checkpoint", "x_load_checkpoint", "x__unreadable",
+                                       "x__state_dict_problem"],
+        ["tests/test_evaluate_inputs.py::test_every_model_file_error_is_one_line_naming_the_file",
+         "tests/test_backbones.py::test_checkpoint_roundtrip"]),
+    "outputs": Module(
+        "pneumonia_kfp/outputs.py", ["x_*"],
+        ["tests/test_outputs.py"]),
     "data": Module(
-        "pneumonia_kfp/data.py", ["x_patient_id", "x_grouped_holdout", "x_groups_of"],
-        ["tests/test_data.py", "tests/test_splits.py"]),
+        "pneumonia_kfp/data.py", ["x_patient_id", "x_grouped_holdout", "x_groups_of", "x_scan_class_folders",
+                                  "x__is_class_folder"],
+        ["tests/test_data.py", "tests/test_splits.py",
+         "tests/test_evaluate_inputs.py::test_folders_ingest_refuses_evaluate_refuses",
+         "tests/test_evaluate_inputs.py::test_hostile_files_are_refused_by_both_commands"]),
     "ingest": Module(
         "pneumonia_kfp/ingest.py", ["x_assign_splits", "x_publish", "xǁIndexǁknown", "xǁIndexǁrecord"],
         ["tests/test_ingest.py::test_missing_test_split_is_carved_from_train_by_patient", "tests/test_splits.py",
