@@ -161,3 +161,149 @@ def test_synthetic_run_with_pretrained_weights_from_a_file(tmp_path, capfd):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(state["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"], atol=1e-5, rtol=0)
     assert state["fc.weight"].shape == (2, 512)  # a new 2-class head, not ImageNet's 1000 classes
+
+
+# --- OUT belongs to one run at a time; outputs are replaced whole --------------------------------------------
+
+def _run_local(data, out, *extra):
+    return [sys.executable, "-m", "pneumonia_kfp.pipelines.cli", "run-local", "--data", str(data), "--output",
+            str(out), "--epochs", "1", "--image-size", "32", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("tiny"), {"train": 16, "test": 4}, size=32)
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first_which_completes(tiny, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(_run_local(tiny, out, "--backbones", "resnet18,mobilenetv3_small_050"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and not (out / ".run-local" / "spec.json").exists():
+        time.sleep(0.05)
+    second = subprocess.run(_run_local(tiny, out, "--backbones", "resnet18"), capture_output=True, text=True,
+                            timeout=120)
+    printed, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr == (f"pneumonia-kfp run-local: error: --output {out} is in use by another run-local "
+                             f"(PID {first.pid}); wait for it to end, or choose another --output\n")
+    # the first run's outputs and log are whole, and its own
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(m["backbone"] for m in results["models"]) == ["ensemble", "mobilenetv3_small_050", "resnet18"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["mobilenetv3_small_050", "resnet18"]
+    log = (out / "run-local.log").read_text()
+    assert log.count("Executing task \x1b[96m'ingest-op'") == 1  # one run's log, not two interleaved
+    assert log.count("Pipeline \x1b[95m'pneumonia-kfp'\x1b[0m finished with status") == 1
+    assert "Pipeline \x1b[95m'pneumonia-kfp'\x1b[0m finished with status \x1b[92mSUCCESS" in log
+    assert not (out / ".run-local").exists() and not [p for p in os.listdir(out) if ".partial-" in p]
+    # the CPU estimate: one line per backbone as it is measured, all before the first task starts
+    lines = printed.splitlines()
+    first_task = next(i for i, line in enumerate(lines) if "Executing task" in line)
+    assert [i for i, line in enumerate(lines) if line.startswith("  resnet18: about ")][0] < first_task
+    assert [i for i, line in enumerate(lines) if line.startswith("  mobilenetv3_small_050: about ")][0] < first_task
+    assert lines.index("No GPU: measuring a training step of each backbone on this CPU (at most 60 s):") < first_task
+
+
+def test_an_output_holding_other_files_is_refused_unless_forced_then_run_local_owns_it(tiny, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "report.md").write_text("my report")
+    refused = subprocess.run(_run_local(tiny, out, "--backbones", "resnet18"), capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.startswith(f"pneumonia-kfp run-local: error: --output {out} holds files run-local did not "
+                                     "write (notes.txt, report.md); choose an empty or new directory, or pass "
+                                     "--force")
+    assert sorted(os.listdir(out)) == ["notes.txt", "report.md"]  # nothing written, not even a lock
+    assert (out / "report.md").read_text() == "my report"
+
+    forced = subprocess.run(_run_local(tiny, out, "--backbones", "resnet18", "--force"), capture_output=True,
+                            text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "notes.txt").read_text() == "my notes"  # left alone
+    assert (out / "report.md").read_text().startswith("#") and (out / ".pneumonia-kfp-run-local").is_file()
+    assert [p.name for p in (out / "models").iterdir()] == ["resnet18"]
+
+    # now run-local's: a later run replaces its outputs, models/ included (no stale backbone stays)
+    again = subprocess.run(_run_local(tiny, out, "--backbones", "mobilenetv3_small_050"), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in (out / "models").iterdir()] == ["mobilenetv3_small_050"]
+    results = json.loads((out / "results.json").read_text())
+    assert [m["model_uri"] for m in results["models"] if m["backbone"] != "ensemble"] == [
+        str(out / "models" / "mobilenetv3_small_050")]
+    assert sorted(p for p in os.listdir(out) if p.startswith(".")) == [".lock", ".pneumonia-kfp-run-local"]
+
+
+def test_more_than_32_backbones_need_force(tmp_path, capsys):
+    import timm
+
+    from pneumonia_kfp.backbones import BackboneError, check_image_size
+
+    def takes_224(name):
+        try:
+            return check_image_size(name, 224) is None
+        except BackboneError:
+            return False
+
+    names = ",".join([n for n in timm.list_models("resnet*") if takes_224(n)][:33])
+    out = tmp_path / "o"
+    assert main(["run-local", "--output", str(out), "--backbones", names]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pneumonia-kfp run-local: error: --backbones names 33 models: run-local trains at most 32 "
+                   "(one task each); pass --force to train them all\n")
+    assert not out.exists()  # refused before anything
+    (tmp_path / "a-file").write_text("")
+    assert main(["run-local", "--output", str(tmp_path / "a-file"), "--backbones", names, "--force"]) == 2
+    assert "cannot write there" in capsys.readouterr().err  # past the count: the next check speaks
+    assert main(["run-local", "--output", str(tmp_path / "a-file"),
+                 "--backbones", ",".join(names.split(",")[:32])]) == 2
+    assert "cannot write there" in capsys.readouterr().err  # 32 is allowed
+
+
+def test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so(monkeypatch):
+    from pneumonia_kfp.pipelines import local
+
+    per_image = {"a": 1.0, "b": 3.0, "c": 100.0, "d": 100.0}
+    measured = []
+    monkeypatch.setattr(local, "_step_seconds", lambda name, params: measured.append(name) or per_image[name])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ticks = iter([0, 40, 80, 120])  # the start, then after each measurement
+    said = []
+    total = local.cpu_estimate({"backbones": list(per_image), "epochs": 2, "batch_size": 8, "image_size": 32}, 10,
+                               say=said.append, budget_s=60, clock=lambda: next(ticks))
+    assert measured == ["a", "b"]  # 80 s > 60 s after b: c and d are not built
+    assert total == (1 + 3 + 2 * 2) * 10 * 2  # the rest at the average of the measured
+    assert said == ["No GPU: measuring a training step of each backbone on this CPU (at most 60 s):\n",
+                    "  a: about 20 s  (1/4)\n", "  b: about 1 min  (2/4)\n",
+                    "  the other 2 backbone(s): about 40 s each, not measured (the 60 s for measuring ran out; the "
+                    "average of the 2 measured)\n"]
+    ticks = iter([0, 10, 20, 30, 40])
+    measured.clear()
+    local.cpu_estimate({"backbones": list(per_image), "epochs": 1, "batch_size": 8, "image_size": 32}, 1,
+                       say=said.append, budget_s=60, clock=lambda: next(ticks))
+    assert measured == ["a", "b", "c", "d"]  # within the budget: every one measured
+
+
+def test_a_stop_during_the_cpu_estimate_ends_run_local_at_once(tiny, tmp_path):
+    out = tmp_path / "out"
+    cli = subprocess.Popen(_run_local(tiny, out, "--backbones", "resnet50,resnet101,resnet152", "--image-size", "224"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while not line.startswith("  resnet50: about"):
+        line = cli.stdout.readline()
+        assert line or cli.poll() is None, cli.stderr.read()
+    stopped_at = time.monotonic()
+    cli.send_signal(signal.SIGTERM)
+    _, err = cli.communicate(timeout=60)
+    assert time.monotonic() - stopped_at < 20  # not after measuring the others (or training)
+    assert cli.returncode == 128 + signal.SIGTERM
+    assert err == "pneumonia-kfp run-local: stopped by SIGTERM; its temporary files were removed\n"
+    assert not (out / ".run-local").exists() and not (out / "kfp-root").exists()
+    import fcntl
+
+    with open(out / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
