@@ -418,3 +418,30 @@ def test_external_data_is_scored_at_the_models_own_threshold(dataset, model, dat
         assert default[0][split]["specificity"] == pytest.approx((prob[y == 0] < t).mean())
     saved = _strict_json(tmp_path / "out" / "results.json")["models"][0]
     assert saved["threshold"] == t and saved["test"]["confusion_matrix"] == confusion(t)
+
+
+@pytest.mark.parametrize("with_test_dir", [True, False])
+def test_an_s3_folder_is_scored_like_the_same_local_one(with_test_dir, model, data, tmp_path, s3_env):
+    """An s3:// prefix is downloaded (only its test/ part when it has one) and read by the same scan and reader."""
+    import uuid
+
+    from pneumonia_kfp.storage import open_store
+
+    uri = f"s3://ext-{uuid.uuid4().hex[:8]}/hospital"
+    store = open_store(uri)
+    local = tmp_path / "local"
+    shutil.copytree(data / "test", local / "test" if with_test_dir else local)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.put_bytes(f.relative_to(local).as_posix(), f.read_bytes())
+    if with_test_dir:
+        store.put_bytes("train/NORMAL/not-scored.jpeg", b"not even an image")  # beside test/: not scored
+    remote = evaluate_folder(str(model[0]), uri, tmp_path / "out-s3")["models"][0]
+    here = evaluate_folder(str(model[0]), str(local), tmp_path / "out-local")["models"][0]
+    csv = (tmp_path / "out-s3" / "predictions.csv").read_text()
+    assert csv == (tmp_path / "out-local" / "predictions.csv").read_text()  # the same files, probabilities
+    rows = [r.split(",") for r in csv.splitlines()[1:] if r.startswith("test,")]
+    assert len(rows) == 24 and rows[0][1].startswith("test/NORMAL/" if with_test_dir else "NORMAL/")
+    assert remote["test"]["confusion_matrix"] == here["test"]["confusion_matrix"] and remote["test"]["n"] == 24
+    store.put_bytes("test/NORMAL/bad.jpeg" if with_test_dir else "NORMAL/bad.jpeg", b"")
+    with pytest.raises(DataError, match=r"1 of 25 files rejected: (test/)?NORMAL/bad.jpeg: zero-byte file"):
+        evaluate_folder(str(model[0]), uri, tmp_path / "out-s3-bad")
