@@ -47,8 +47,9 @@ def write_error(path: Path, e: OSError, needed: int | None = None) -> OutputErro
         free = _free_bytes(path.parent)
         size = f"{needed:,} bytes needed, " if needed is not None else ""
         room = f"{free:,} free" if free is not None else "free space unknown"
-        return OutputError(f"cannot write {path}: no space left on the device ({size}{room}); "
-                           "free some space or choose another output folder", e.errno)
+        what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return OutputError(f"cannot write {path}: {what} ({size}{room}); free some space or choose another "
+                           "output folder", e.errno)
     return OutputError(f"cannot write {path}: {e.strerror or e}", e.errno)
 
 

@@ -121,3 +121,9 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'out'}: "):
         write_outputs(tmp_path / "out", {}, "md", "html", "csv")
+
+
+def test_a_full_quota_is_named_as_such(tmp_path):
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'a.json'}: disk quota exceeded \\(3 bytes"):
+        with replacing(tmp_path / "a.json", needed=3):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
