@@ -123,7 +123,10 @@ def test_killing_run_local_ends_its_tasks_and_leaves_no_workspace(tmp_path, sig)
     while time.monotonic() < deadline and any(alive(p) for p in processes):
         time.sleep(0.2)
     assert not [p for p in processes if alive(p)], "task processes outlived run-local"
-    assert not (out / ".run-local").exists() and not list(tmp.iterdir())  # no workspace, no task temp files
+    # no workspace, no task temp files; torch (2.14) makes its per-user compile cache, torchinductor_<user>, in
+    # $TMPDIR on import (run-local imports it for the CPU estimate): a cache meant to stay, not a task's file
+    assert not (out / ".run-local").exists()
+    assert not [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
     if sig != signal.SIGKILL:
         assert cli.returncode == 128 + sig
         assert f"stopped by {signal.Signals(sig).name}" in cli.stderr.read()
