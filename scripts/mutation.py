@@ -115,6 +115,24 @@ MODULES = {
     "submit": Module(
         "pneumonia_kfp/pipelines/submit.py", ["x_wait_for", "x_check_host", "x__auth_failed", "x__api_error"],
         ["tests/test_kubeflow_submit.py", "tests/test_submit_states.py"]),
+    # which scratch folders go (owner gone, PID reused, another namespace's kept); the stop-signal exception
+    "scratch": Module(
+        "pneumonia_kfp/scratch.py", ["x_owner_gone", "x_sweep", "x_scratch_dir", "x__make_root"],
+        ["tests/test_scratch.py::test_scratch_dir_is_under_the_project_folder_with_its_owner_and_goes_on_exit",
+         "tests/test_scratch.py::test_sweep_removes_only_folders_whose_owner_is_gone"]),
+    "procs": Module(
+        "pneumonia_kfp/procs.py", ["x_start_time", "x_alive", "x__stat", "x_stop_signals_raise", "x_stoppable"],
+        ["tests/test_procs.py", "tests/test_scratch.py::test_start_time_names_one_process",
+         "tests/test_scratch.py::test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal",
+         "tests/test_scratch.py::test_a_second_signal_does_not_cut_the_cleanup_short"]),
+    # run-local's OUT (whose, its lock, outputs replaced whole) and the bounded CPU estimate; the real runs of
+    # tests/test_run_local.py take minutes each and are left out
+    "local": Module(
+        "pneumonia_kfp/pipelines/local.py",
+        ["x_check_backbone_count", "x_check_owner", "x_lock_output", "x__lock_holder", "x_claim_output",
+         "x_replace_file", "x_publish_outputs", "x_publish_log", "x_cpu_estimate"],
+        ["tests/test_run_local_out.py",
+         "tests/test_run_local.py::test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so"]),
 }
 
 
