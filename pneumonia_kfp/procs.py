@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -89,6 +90,9 @@ def stop_signals_raise():
     ignored, so that the cleanup the first one started is not cut short (SIGKILL still ends it; the
     next run then removes what it left, see ``scratch``). Child processes forked meanwhile that
     inherit the handler exit at once with 128 + the signal, as they would without it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread; there, the caller's own stay
+        return
     me, stopping = os.getpid(), []
 
     def handler(signum, _frame):

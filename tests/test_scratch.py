@@ -126,6 +126,22 @@ def test_a_second_signal_does_not_cut_the_cleanup_short():
     assert stopped.value.signum == signal.SIGTERM and cleaned == [True]
 
 
+def test_a_command_called_outside_the_main_thread_runs_without_handlers():
+    import threading
+
+    result, handler = [], signal.getsignal(signal.SIGTERM)
+
+    @stoppable
+    def command(args):
+        result.append(signal.getsignal(signal.SIGTERM))
+        return 7
+
+    thread = threading.Thread(target=lambda: result.append(command(None)))
+    thread.start()
+    thread.join()
+    assert result == [handler, 7]  # no ValueError: signal handlers are the main thread's
+
+
 # --- a real standalone ingest, stopped halfway ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
