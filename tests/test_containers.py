@@ -121,6 +121,11 @@ def test_a_task_runs_as_a_restricted_pod_runs_it(engine, s3_env):
                                run_id="restricted-test", shm_size="1Gi", user="1000:0")
         config = runner.container_run_args
         assert config["read_only"] and config["tmpfs"] == {"/tmp": "exec"} and config["cap_drop"] == ["ALL"]
+        # the data is read-only in the task's container, OUT writable, the root filesystem read-only
+        probe = engine.containers.run(BASE_IMAGE, ["sh", "-c", f"touch {data}/x /x 2>&1; touch {out}/y && echo out"],
+                                      mounts=config["mounts"], user="1000:0", read_only=True, network_mode="host",
+                                      remove=True).decode()
+        assert probe.count("Read-only file system") == 2 and probe.endswith("out\n"), probe
         local.init(runner=runner, pipeline_root=str(root))
         model = ingest_and_train(data=str(data)).output
         assert model.metadata["formats"] and model.metadata["backbone"] == "resnet18"
