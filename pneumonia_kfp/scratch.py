@@ -64,7 +64,7 @@ def owner_gone(owner: dict) -> bool:
 def _make_root() -> Path:
     root = scratch_root()
     with contextlib.suppress(FileExistsError):
-        root.mkdir(mode=0o700, parents=True)
+        root.mkdir(mode=0o700)  # in the temporary directory, which exists
     info = os.lstat(root)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise PneumoniaKfpError(f"{root} is not a directory of this user's (uid {os.geteuid()}); remove it, or "

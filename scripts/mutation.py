@@ -119,7 +119,8 @@ MODULES = {
     "scratch": Module(
         "pneumonia_kfp/scratch.py", ["x_owner_gone", "x_sweep", "x_scratch_dir", "x__make_root"],
         ["tests/test_scratch.py::test_scratch_dir_is_under_the_project_folder_with_its_owner_and_goes_on_exit",
-         "tests/test_scratch.py::test_sweep_removes_only_folders_whose_owner_is_gone"]),
+         "tests/test_scratch.py::test_sweep_removes_only_folders_whose_owner_is_gone",
+         "tests/test_scratch.py::test_sweep_of_no_root_and_a_root_that_is_not_ours"]),
     "procs": Module(
         "pneumonia_kfp/procs.py", ["x_start_time", "x_alive", "x__stat", "x_stop_signals_raise", "x_stoppable"],
         ["tests/test_procs.py", "tests/test_scratch.py::test_start_time_names_one_process",

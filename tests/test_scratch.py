@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pneumonia_kfp import scratch
+from pneumonia_kfp.errors import PneumoniaKfpError
 from pneumonia_kfp.procs import (
     Stopped,
     alive,
@@ -88,9 +89,29 @@ def test_sweep_removes_only_folders_whose_owner_is_gone(tmpdir_env):
     abandoned = _fake_scratch(root, "abandoned", None)
     old = time.time() - scratch.UNOWNED_GRACE_S - 10
     os.utime(abandoned, (old, old))
+    torn = _fake_scratch(root, "torn", None)
+    (torn / scratch.OWNER).write_text('{"pid": ')  # not a whole owner.json: no scratch_dir() writes that
+    strays = [root / f"stray-{i}" for i in range(8)]  # not folders: not scratch_dir()'s, never touched
+    for stray in strays:
+        stray.write_text("")
     removed = scratch.sweep()
-    assert sorted(p.name for p in removed) == ["abandoned", "gone", "rebooted", "reused"]
-    assert [p.name for p in _folders(root)] == ["being-made", "elsewhere", "live"]
+    assert sorted(p.name for p in removed) == ["abandoned", "gone", "rebooted", "reused", "torn"]
+    assert [p.name for p in _folders(root)] == ["being-made", "elsewhere", "live"] + [s.name for s in strays]
+
+
+def test_sweep_of_no_root_and_a_root_that_is_not_ours(tmpdir_env):
+    assert scratch.sweep() == []  # nothing made yet
+    scratch.scratch_root().write_text("")  # a file where the folder goes
+    with pytest.raises(PneumoniaKfpError) as e, scratch.scratch_dir():
+        pass
+    assert str(e.value) == (f"{scratch.scratch_root()} is not a directory of this user's (uid {os.geteuid()}); "
+                            "remove it, or set TMPDIR to another directory for the temporary files")
+    scratch.scratch_root().unlink()
+    (tmpdir_env / "elsewhere").mkdir()
+    scratch.scratch_root().symlink_to(tmpdir_env / "elsewhere")  # a link another user could have planted
+    with pytest.raises(PneumoniaKfpError, match="is not a directory of this user's"), scratch.scratch_dir():
+        pass
+    assert list((tmpdir_env / "elsewhere").iterdir()) == []
 
 
 def test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal(tmpdir_env, capsys):
