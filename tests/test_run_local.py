@@ -270,25 +270,31 @@ def test_more_than_32_backbones_need_force(tmp_path, capsys):
 def test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so(monkeypatch):
     from pneumonia_kfp.pipelines import local
 
-    per_image = {"a": 1.0, "b": 3.0, "c": 100.0, "d": 100.0}
+    per_image = {"a": 1.0, "b": 3.0, "c": 5.0, "d": 100.0, "e": 100.0}
     measured = []
-    monkeypatch.setattr(local, "_step_seconds", lambda name, params: measured.append(name) or per_image[name])
+
+    def step_seconds(name, params):
+        assert params["image_size"] == 32 and params["batch_size"] == 8
+        measured.append(name)
+        return per_image[name]
+
+    monkeypatch.setattr(local, "_step_seconds", step_seconds)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    ticks = iter([0, 40, 80, 120])  # the start, then after each measurement
+    ticks = iter([1000, 1040, 1060, 1100])  # the start, then after each measurement
     said = []
-    total = local.cpu_estimate({"backbones": list(per_image), "epochs": 2, "batch_size": 8, "image_size": 32}, 10,
-                               say=said.append, budget_s=60, clock=lambda: next(ticks))
-    assert measured == ["a", "b"]  # 80 s > 60 s after b: c and d are not built
-    assert total == (1 + 3 + 2 * 2) * 10 * 2  # the rest at the average of the measured
+    params = {"backbones": list(per_image), "epochs": 2, "batch_size": 8, "image_size": 32}
+    total = local.cpu_estimate(params, 10, say=said.append, budget_s=60, clock=lambda: next(ticks))
+    assert measured == ["a", "b", "c"]  # 60 s used after b: c still measured; 100 s after c: d and e are not built
+    assert total == (1 + 3 + 5 + 2 * 3) * 10 * 2  # the rest at the average of the measured
     assert said == ["No GPU: measuring a training step of each backbone on this CPU (at most 60 s):\n",
-                    "  a: about 20 s  (1/4)\n", "  b: about 1 min  (2/4)\n",
-                    "  the other 2 backbone(s): about 40 s each, not measured (the 60 s for measuring ran out; the "
-                    "average of the 2 measured)\n"]
-    ticks = iter([0, 10, 20, 30, 40])
+                    "  a: about 20 s  (1/5)\n", "  b: about 1 min  (2/5)\n", "  c: about 2 min  (3/5)\n",
+                    "  the other 2 backbone(s): about 1 min each, not measured (the 60 s for measuring ran out; the "
+                    "average of the 3 measured)\n"]
+    ticks = iter([1000, 1010, 1020, 1030, 1040, 1050])
     measured.clear()
-    local.cpu_estimate({"backbones": list(per_image), "epochs": 1, "batch_size": 8, "image_size": 32}, 1,
-                       say=said.append, budget_s=60, clock=lambda: next(ticks))
-    assert measured == ["a", "b", "c", "d"]  # within the budget: every one measured
+    assert local.cpu_estimate({**params, "epochs": 1}, 3, say=said.append, budget_s=60,
+                              clock=lambda: next(ticks)) == (1 + 3 + 5 + 100 + 100) * 3
+    assert measured == ["a", "b", "c", "d", "e"]  # within the budget: every one measured
 
 
 def test_a_stop_during_the_cpu_estimate_ends_run_local_at_once(tiny, tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,31 +20,40 @@ def test_an_empty_or_run_local_made_output_is_taken(tmp_path, entries):
     local.check_owner(tmp_path, force=False)
 
 
-def test_an_output_with_other_files_needs_force(tmp_path):
-    for name in ("a", "b", "c", "d", "e"):
+@pytest.mark.parametrize("names, shown", [(["a", "b", "c"], "a, b, c"), (["a", "b", "c", "d"], "a, b, c and 1 more"),
+                                           (["e", "d", "c", "b", "a"], "a, b, c and 2 more")])
+def test_an_output_with_other_files_needs_force(tmp_path, names, shown):
+    for name in names:
         (tmp_path / name).write_text("")
     with pytest.raises(UsageError) as e:
         local.check_owner(tmp_path, force=False)
-    assert str(e.value).startswith(f"--output {tmp_path} holds files run-local did not write (a, b, c and 2 more); "
-                                   "choose an empty or new directory, or pass --force")
+    assert str(e.value) == (f"--output {tmp_path} holds files run-local did not write ({shown}); choose an empty or "
+                            "new directory, or pass --force to write into it (replacing results.json, report.md, "
+                            "report.html, predictions.csv, models/ and run-local.log there)")
     local.check_owner(tmp_path, force=True)
 
 
 def test_the_backbone_count_limit():
     local.check_backbone_count(["x"] * 32, force=False)
     local.check_backbone_count(["x"] * 40, force=True)
-    with pytest.raises(UsageError, match="names 33 models: run-local trains at most 32"):
+    with pytest.raises(UsageError) as e:
         local.check_backbone_count(["x"] * 33, force=False)
+    assert str(e.value) == ("--backbones names 33 models: run-local trains at most 32 (one task each); pass --force "
+                            "to train them all")
 
 
 def test_the_lock_refuses_a_second_holder_naming_the_first_and_is_released_with_its_process(tmp_path):
     code = ("import sys, time; from pathlib import Path; from pneumonia_kfp.pipelines import local; "
             "local.lock_output(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
+    (tmp_path / ".lock").write_text("123456789 runner 123456790\n")  # a longer record of an earlier run
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
+        assert (tmp_path / ".lock").read_text() == f"{holder.pid}\n"  # the whole record is the holder's
+        start = time.monotonic()
         with pytest.raises(UsageError) as e:
             local.lock_output(tmp_path)
+        assert time.monotonic() - start < 1  # the PID is there: no waiting for it
         assert str(e.value) == (f"--output {tmp_path} is in use by another run-local (PID {holder.pid}); wait for it "
                                 "to end, or choose another --output")
     finally:
@@ -67,6 +77,20 @@ def test_the_refusal_says_when_only_the_runner_still_holds_the_lock(tmp_path):
         os.pwrite(fd, f"{os.getpid()} runner 4242\n".encode(), 0)
         with pytest.raises(UsageError, match=rf"\(PID {os.getpid()}\)"):
             local.lock_output(tmp_path)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("record", ["", "garbage\n"])
+def test_a_lock_without_a_pid_is_refused_all_the_same(tmp_path, record):
+    fd = local.lock_output(tmp_path)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        start = time.monotonic()
+        with pytest.raises(UsageError, match=r"in use by another run-local \(PID unknown\)"):
+            local.lock_output(tmp_path)
+        assert (time.monotonic() - start > 1.5) == (record == "")  # an empty record: waits for the PID a while
     finally:
         os.close(fd)
 
