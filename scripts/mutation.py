@@ -124,6 +124,7 @@ MODULES = {
     "procs": Module(
         "pneumonia_kfp/procs.py", ["x_start_time", "x_alive", "x__stat", "x_stop_signals_raise", "x_stoppable"],
         ["tests/test_procs.py", "tests/test_scratch.py::test_start_time_names_one_process",
+         "tests/test_scratch.py::test_a_zombie_has_no_start_time_and_a_name_with_parentheses_is_read_right",
          "tests/test_scratch.py::test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal",
          "tests/test_scratch.py::test_a_second_signal_does_not_cut_the_cleanup_short"]),
     # run-local's OUT (whose, its lock, outputs replaced whole) and the bounded CPU estimate; the real runs of

@@ -58,6 +58,28 @@ def test_start_time_names_one_process():
     assert start_time(child.pid) is None
 
 
+def test_a_zombie_has_no_start_time_and_a_name_with_parentheses_is_read_right(tmp_path):
+    odd = tmp_path / "a) Z 1 (b"  # the command name, in parentheses in /proc/<pid>/stat, with ") Z" in it
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while "a) Z 1 (b" not in Path(f"/proc/{child.pid}/stat").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the exec has happened
+        assert alive(child.pid) and start_time(child.pid) is not None
+        assert start_time(child.pid) >= start_time(os.getpid())
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # a zombie (killed, not yet reaped): not running, no start time
+        assert not alive(child.pid) and start_time(child.pid) is None
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_scratch_dir_is_under_the_project_folder_with_its_owner_and_goes_on_exit(tmpdir_env):
     root = scratch.scratch_root()
     assert root == tmpdir_env / f"pneumonia-kfp-{os.geteuid()}"
