@@ -78,8 +78,9 @@ def scan_class_folders(root: str | Path) -> tuple[list[str], list[ImageFile]]:
     """A folder to score (evaluate): ``root/test/<class>/`` when there is a ``test/`` folder, else
     ``root/<class>/``. Class names (sorted) and the files, checked as ``scan_image_folder`` checks them:
     one ``stat`` each, none opened, each unreadable one listed with its reason; a test or class folder
-    resolving outside the root, a class folder that is a symlink loop or leads nowhere, or one with no
-    files, is an error. Files directly in the folder beside the class folders are ignored."""
+    resolving outside the root, or a class folder that is a symlink loop or leads nowhere, is an error.
+    Files directly in the folder beside the class folders are ignored; a class folder with no files
+    gives none (the caller, which knows which class names are expected, says what is wrong)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist or is not a directory")
@@ -91,9 +92,6 @@ def scan_class_folders(root: str | Path) -> tuple[list[str], list[ImageFile]]:
         if _is_class_folder(d, real_root):
             _check_inside(Path(d.path), real_root, root)
             folders[d.name] = [e for e in _visible(d.path) if e.is_symlink() or not e.is_dir()]
-    for c, entries in folders.items():
-        if not entries:
-            raise DataError(f"{base / c} holds no images: put the class's images in it or remove it")
     prefix = f"{split}/" if split else ""
     files = [ImageFile(split or "test", c, e.path, f"{prefix}{c}/{e.name}", *_stat(e, real_root))
              for c in sorted(folders) for e in folders[c]]

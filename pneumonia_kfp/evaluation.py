@@ -236,6 +236,9 @@ def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndar
         if not found or unknown:
             raise DataError(f"{base} has class folders {found}: expected some of {classes} (the model's classes), "
                             f"in {data}/test/<class>/ or {data}/<class>/")
+        for c in found:
+            if not any(f.label == c for f in files):  # as ingest: an empty class folder is a mistake
+                raise DataError(f"{base}/{c} holds no images: put the class's images in it or remove it")
         settings = Settings(image_size, default("seed"), "fail", max_pixels())
         results = read_files(source, files, Path(tmp), settings, workers=None)
         rejected = [{"path": f.relpath, "reason": r.reason} for f, r in zip(files, results, strict=True) if r.reason]

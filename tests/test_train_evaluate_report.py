@@ -323,7 +323,7 @@ def test_evaluate_cli_answers_bad_input_in_one_line(trained, tmp_path, capsys):
     data = _external_folder(tmp_path, True)
     (data / "test" / "COVID").mkdir()
     path, _ = trained["resnet18"]
-    for argv, message in ((["--model", str(tmp_path / "nothing"), "--data", str(data)], "no checkpoint there"),
+    for argv, message in ((["--model", str(tmp_path / "nothing"), "--data", str(data)], "nothing does not exist"),
                           (["--model", str(path.parent), "--data", str(data)], "has class folders ['COVID'")):
         assert main(["evaluate", *argv, "--output", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
