@@ -400,13 +400,13 @@ def supervise(params: dict, out: Path, execution: dict | None = None, lock: int 
             signal_group(runner[0].pid, signal.SIGTERM)
         code = runner[0].wait()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if runner:
             signal_group(runner[0].pid, signal.SIGKILL)  # whatever outlived the runner
         error = (state / "error.txt").read_text() if (state / "error.txt").exists() else None
         publish_log(state, out)
         shutil.rmtree(state, ignore_errors=True)
+        for s, handler in previous.items():  # only now: a signal during the cleanup above does not cut it short
+            signal.signal(s, handler)
     if stopped:
         sys.stderr.write(f"pneumonia-kfp run-local: stopped by {signal.Signals(stopped[0]).name}; "
                          "its tasks were ended\n")
