@@ -400,14 +400,7 @@ class S3Store(Store):
         return True
 
     def modified(self, prefix: str = "") -> dict[str, float]:
-        try:
-            objs = self._objects(prefix)
-        except StorageError as e:
-            if e.code in _NOT_FOUND:
-                return {}
-            raise
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        return {o.object_name[strip:]: o.last_modified.timestamp() for o in objs}
+        return self._by_name(prefix, lambda o: o.last_modified.timestamp())
 
     def unfinished(self, prefix: str = "") -> list[Unfinished]:
         """Incomplete multipart uploads (ListMultipartUploads, a page at a time)."""
@@ -450,6 +443,10 @@ class S3Store(Store):
             yield o.object_name[strip:]
 
     def signatures(self, prefix: str = "") -> dict[str, list]:
+        return self._by_name(prefix, lambda o: [o.size, o.etag])
+
+    def _by_name(self, prefix: str, value) -> dict:
+        """{name: value(object)} of the objects under ``prefix``; empty when the bucket or prefix is missing."""
         try:
             objs = self._objects(prefix)
         except StorageError as e:
@@ -457,7 +454,7 @@ class S3Store(Store):
                 return {}
             raise
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return {o.object_name[strip:]: [o.size, o.etag] for o in objs}
+        return {o.object_name[strip:]: value(o) for o in objs}
 
 
 class _ChunkReader(io.RawIOBase):

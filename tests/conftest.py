@@ -1,7 +1,11 @@
+import shutil
 import socket
+import time
 
 import pytest
 
+from pneumonia_kfp import ingest as ingest_module
+from pneumonia_kfp.ingest import RACY_NS
 from pneumonia_kfp.synthetic import make_synthetic
 
 pytest_plugins = ["tests.pushgateway"]  # its `pushgateway` fixture, for every test module
@@ -40,3 +44,26 @@ def s3_env(s3_server, monkeypatch):
 def image_folder(tmp_path_factory):
     """A small synthetic Kermany-style ImageFolder with train and test (no val)."""
     return make_synthetic(tmp_path_factory.mktemp("xray"), {"train": 40, "test": 12}, size=48)
+
+
+@pytest.fixture
+def data(image_folder, tmp_path):
+    """A private copy of the image folder, older than the racy window (its stats can be trusted)."""
+    root = tmp_path / "data"
+    shutil.copytree(image_folder, root)
+    time.sleep(RACY_NS / 1e9)
+    return root
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The paths ingest's reader opens (in-process reads: fewer files than need worker processes)."""
+    opened = []
+    original = ingest_module._Reader.read
+
+    def counting(self, i, path):
+        opened.append(path)
+        return original(self, i, path)
+
+    monkeypatch.setattr(ingest_module._Reader, "read", counting)
+    return opened

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from pneumonia_kfp import evaluation
-from pneumonia_kfp import ingest as ingest_module
 from pneumonia_kfp.backbones import create_backbone, load_checkpoint, predict
 from pneumonia_kfp.data import DataError
 from pneumonia_kfp.evaluation import evaluate, evaluate_folder
@@ -47,27 +46,6 @@ def model(dataset, tmp_path_factory):
     meta = train(dataset["uri"], "resnet18", str(out / CHECKPOINT), epochs=2, batch_size=16, seed=0,
                  threshold_rule="youden")
     return out, meta
-
-
-@pytest.fixture
-def data(image_folder, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(image_folder, root)
-    return root
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The paths ingest's reader opens (in process: fewer files than need worker processes)."""
-    opened = []
-    original = ingest_module._Reader.read
-
-    def counting(self, i, path):
-        opened.append(path)
-        return original(self, i, path)
-
-    monkeypatch.setattr(ingest_module._Reader, "read", counting)
-    return opened
 
 
 def run(command: str, data, tmp_path, model_dir) -> None:

@@ -16,29 +16,6 @@ from pneumonia_kfp.synthetic import make_synthetic
 from pneumonia_kfp.validation import load_image
 
 
-@pytest.fixture
-def data(image_folder, tmp_path):
-    """A private copy of the image folder, older than the racy window (its stats can be trusted)."""
-    root = tmp_path / "data"
-    shutil.copytree(image_folder, root)
-    time.sleep(RACY_NS / 1e9)
-    return root
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The paths ingest opens (in-process reads, workers=1)."""
-    opened = []
-    original = ingest_module._Reader.read
-
-    def counting(self, i, path):
-        opened.append(path)
-        return original(self, i, path)
-
-    monkeypatch.setattr(ingest_module._Reader, "read", counting)
-    return opened
-
-
 def test_ingest_writes_manifest_raw_files_and_tensors(image_folder, tmp_path):
     info = ingest(str(image_folder), (tmp_path / "store").as_uri(), image_size=32)
     assert info["counts"] == {"train": {"NORMAL": 40, "PNEUMONIA": 40}, "test": {"NORMAL": 12, "PNEUMONIA": 12}}
