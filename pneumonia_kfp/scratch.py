@@ -12,6 +12,7 @@ alone: their PIDs mean nothing here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -108,5 +109,9 @@ def scratch_dir(prefix: str = "") -> Iterator[str]:
         os.replace(partial, folder / OWNER)
         (folder / WORK).mkdir()
         yield str(folder / WORK)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:  # a full disk: say it is the scratch's
+            raise OSError(e.errno, e.strerror, str(folder)) from e
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)

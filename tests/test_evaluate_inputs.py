@@ -315,8 +315,7 @@ def _on_a_small_filesystem(tmp_path, size_kb: int, script: str) -> subprocess.Co
     namespace of its own (no root needed; the mount ends with the script). $SMALL's content is copied
     to tmp_path/after at the end, for the test to look at."""
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no user namespaces here (unshare -rm: {probe.stderr.decode().strip()})")
+    assert probe.returncode == 0, f"these tests need user namespaces (unshare -rm: {probe.stderr.decode().strip()})"
     small, after = tmp_path / "small", tmp_path / "after"
     small.mkdir()
     after.mkdir()
@@ -346,6 +345,17 @@ def test_a_full_disk_leaves_the_previous_outputs_or_none(previous, data, tmp_pat
     assert str(tmp_path / "small") in errors[0] and " bytes needed, " in errors[0] and " free)" in errors[0]
     # all four outputs or none: the previous ones stay as they were, nothing cut, no temporary file left
     assert {p.name: p.read_text() for p in (tmp_path / "after").iterdir()} == before
+
+
+def test_a_full_scratch_disk_is_one_line_and_leaves_no_scratch(data, tmp_path, model):
+    """The scratch folder ($TMPDIR) fills, not OUT: one line naming a scratch path, and nothing left there."""
+    out = _on_a_small_filesystem(tmp_path, 48, "TMPDIR=$SMALL " + _evaluate_cli(model[0], data).replace(
+        "$SMALL", str(tmp_path / "out")))
+    errors = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(errors) == 1 and "no space left on the device" in errors[0], out.stderr
+    assert str(tmp_path / "small") in errors[0]
+    assert [p for p in (tmp_path / "after").rglob("*") if p.is_file()] == []
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_no_file(tmp_path):
