@@ -39,13 +39,13 @@ import warnings
 from pathlib import Path
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
+from pneumonia_kfp.outputs import PARTIAL, document, replacing, write_file
 from pneumonia_kfp.procs import STOP_SIGNALS, alive, process_table
 
 LOG_FILE = "run-local.log"
 LOCK_FILE = ".lock"  # under OUT: flock'ed for the whole run; holds the PIDs of run-local and its runner
 MARKER = ".pneumonia-kfp-run-local"  # under OUT: run-local made this folder; a later run may replace its outputs
 PROBE = ".write-test"  # check_output's, for a moment
-PARTIAL = ".partial-"  # in the temporary names of outputs being written
 MAX_BACKBONES = 32  # more only with --force: each is a training task (and a CPU estimate)
 ESTIMATE_BUDGET_S = 60.0  # the CPU estimate measures backbones for this long, then extrapolates
 SYNTHETIC_WARNING = ("!!! SYNTHETIC DATA: no --data was given, so the models were trained on generated images.\n"
@@ -283,17 +283,6 @@ def _partial(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}{PARTIAL}{os.getpid()}")
 
 
-def replace_file(dest: Path, write) -> None:
-    """``write(path)`` writes the new ``dest`` under a temporary name beside it, renamed over ``dest`` when done."""
-    tmp = _partial(dest)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def publish_outputs(task, results: dict, out: Path) -> None:
     """OUT/models/<backbone>/ (checkpoint and exported forms), predictions.csv, report.md, report.html and, last,
     results.json (naming the copies in OUT/models instead of the runner's artifact paths), each replacing
@@ -313,8 +302,9 @@ def publish_outputs(task, results: dict, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     for name, artifact in (("predictions.csv", "predictions"), ("report.md", "report_md"),
                            ("report.html", "report_html")):
-        replace_file(out / name, lambda tmp, a=artifact: shutil.copyfile(task.outputs[a].path, tmp))
-    replace_file(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+        with replacing(out / name) as tmp:
+            shutil.copyfile(task.outputs[artifact].path, tmp)
+    write_file(out / "results.json", document(results))
 
 
 def publish_log(state: Path, out: Path) -> None:

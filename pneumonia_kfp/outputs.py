@@ -53,9 +53,13 @@ def write_error(path: Path, e: OSError, needed: int | None = None) -> OutputErro
     return OutputError(f"cannot write {path}: {e.strerror or e}", e.errno)
 
 
+PARTIAL = ".partial-"  # in every temporary name: hidden, then this, the writer's PID, a random part
+
+
 def _temporary(path: Path) -> Path:
-    # hidden, beside the file (the same filesystem, so the rename is atomic), with its suffix kept
-    return path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    # hidden, beside the file (the same filesystem, so the rename is atomic), with its suffix kept; the PID
+    # lets run-local remove a killed run's partial files from its OUT
+    return path.with_name(f".{path.stem}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
 
 
 def _remove(path: Path) -> None:

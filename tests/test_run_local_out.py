@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -129,16 +128,17 @@ def test_outputs_replace_the_last_runs_whole(tmp_path):
     assert written["models"][0]["model_uri"] == str(out / "models" / "a") == results["models"][0]["model_uri"]
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
-    (tmp_path / "results.json").write_text("old")
+def test_a_killed_writers_partial_output_is_one_run_local_removes(tmp_path):
+    """outputs' temporary names are the hidden partials run-local's claim removes (a killed run leaves them)."""
+    from pneumonia_kfp.outputs import replacing
 
-    def fails(tmp: Path):
+    with pytest.raises(KeyboardInterrupt), replacing(tmp_path / "report.md") as tmp:
         tmp.write_text("half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        local.replace_file(tmp_path / "results.json", fails)
-    assert os.listdir(tmp_path) == ["results.json"] and (tmp_path / "results.json").read_text() == "old"
+        os.link(tmp, tmp_path / tmp.name.replace("report", "report-copy"))  # what a SIGKILL would leave
+        raise KeyboardInterrupt
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".report-copy.partial-")]
+    local.claim_output(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".pneumonia-kfp-run-local"]
 
 
 def test_the_log_is_moved_whole_into_out(tmp_path):
