@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pneumonia_kfp.errors import PneumoniaKfpError
-from pneumonia_kfp.params import PARAMS, check_run_params, from_args
+from pneumonia_kfp.params import PARAMS, THRESHOLD_RULES, check_run_params, from_args
 from pneumonia_kfp.params import add_arguments as add_params
 from pneumonia_kfp.procs import stoppable
 from pneumonia_kfp.telemetry import progress_mode
@@ -78,6 +78,25 @@ def evaluate_cmd(args) -> int:
     print("  ".join(shown) + f"  (n = {t['n']})")
     print(Path(args.output) / "results.json")
     return 0
+
+
+@stoppable
+def predict_cmd(args) -> int:
+    from pneumonia_kfp.predict import check_output, predict_paths, table, write
+
+    check_output(args.output)  # before any model loads
+    result = predict_paths(args.model, args.paths, engine=args.engine, rule=args.threshold_rule)
+    for f in result.failed:
+        print(f"pneumonia-kfp predict: {f['file']}: {f['reason']}", file=sys.stderr)
+    if result.rows:
+        print(table(result))
+    if args.output:
+        write(result, args.output)
+    m = result.model
+    print(f"pneumonia-kfp predict: {len(result.rows)} predicted, {len(result.failed)} failed; {m.model_id} "
+          f"({m.engine}), threshold {result.threshold:.4g} ({result.rule})"
+          + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def compile_pipeline(args, output: str):
@@ -171,6 +190,18 @@ def parser() -> argparse.ArgumentParser:
                    "or s3:// prefix)")
     e.add_argument("--output", required=True, help="where results.json, report.md, report.html, predictions.csv go")
     e.set_defaults(func=evaluate_cmd)
+
+    d = sub.add_parser("predict", help="P(pneumonia) and label of images at the model's validation-chosen threshold")
+    d.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
+    d.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (every file under them) and "
+                   "s3:// URIs (an object or a prefix)")
+    d.add_argument("--engine", choices=("onnx", "pt2", "checkpoint"), default="onnx",
+                   help="model.onnx with onnxruntime (default; model.pt2 when there is none), model.pt2 "
+                   "(torch.export) or checkpoint.pt")
+    d.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
+                   help="the threshold chosen on validation by this rule (default: the model's own rule)")
+    d.add_argument("--output", help="also write the predictions to FILE.csv or FILE.json")
+    d.set_defaults(func=predict_cmd)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")
     c.add_argument("-o", "--output", default="pipeline.yaml", help="the YAML file to write (default: pipeline.yaml)")
