@@ -21,10 +21,14 @@ BENCHMARK = re.compile(rf"^{ENV_PREFIX}(?:\.venv/bin/)?python3?\s+(?P<script>ben
 
 
 def code_lines(text: str) -> list[tuple[int, str, bool]]:
-    """(line number, text, inline?) of every line in a fenced or indented code block, and every inline code span."""
+    """(line number, text, inline?) of every line in a fenced or indented code block, and every inline code span
+    (one that goes on over a line break is joined: it counts from the line it starts on)."""
     out: list[tuple[int, str, bool]] = []
     fenced, indented, previous_blank = False, False, True
+    open_span, open_n = "", 0  # an inline span not yet closed at the end of its line
     for n, line in enumerate(text.splitlines(), 1):
+        if open_span and not line.strip():
+            open_span = ""  # a paragraph ends: an unclosed backtick was a literal one
         if line.lstrip().startswith("```"):
             fenced = not fenced
             indented = False
@@ -40,7 +44,16 @@ def code_lines(text: str) -> list[tuple[int, str, bool]]:
             out.append((n, line, False))
         else:
             indented = False
-            out.extend((n, span, True) for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", line))
+            if open_span:
+                if "`" not in line:
+                    open_span += " " + line.strip()
+                    continue
+                closing, line = line.split("`", 1)
+                out.append((open_n, open_span + " " + closing.strip(), True))
+                open_span = ""
+            out.extend((n, span, True) for span in re.findall(r"`([^`]+)`", line))
+            if line.count("`") % 2:
+                open_span, open_n = line.rsplit("`", 1)[1].strip(), n
         previous_blank = not line.strip()
     return out
 
