@@ -65,6 +65,10 @@ MODULES = {
     "evaluation": Module(
         "pneumonia_kfp/evaluation.py", ["x__load", "x_load_folder", "x_warn_one_class"],
         ["tests/test_evaluate_inputs.py"]),
+    # what predict reads (files, folders, s3:// objects), which engine and threshold it uses, what it writes
+    "predict": Module(
+        "pneumonia_kfp/predict.py", ["x_*"],
+        ["tests/test_predict.py"]),
     "backbones": Module(
         "pneumonia_kfp/backbones.py", ["x_read_checkpoint", "x_load_checkpoint", "x__unreadable",
                                        "x__state_dict_problem"],

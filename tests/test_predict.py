@@ -13,6 +13,7 @@ import pytest
 from pneumonia_kfp.backbones import load_checkpoint, predict
 from pneumonia_kfp.export import CHECKPOINT, ONNX, export_model
 from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.training import train
 from pneumonia_kfp.validation import load_image
@@ -119,8 +120,13 @@ def test_files_folders_and_s3_uris_together(model, data, tmp_path, capsys, s3_en
     assert code == 1 and f"{bucket}/nothing-here: no such object" in err
 
 
-def test_bad_files_are_one_line_each_and_the_rest_are_predicted(model, data, tmp_path, capsys):
+def test_bad_files_are_one_line_each_and_the_rest_are_predicted(model, data, tmp_path, capsys, monkeypatch):
+    """Not an image, cut short, too many pixels, a symlink out of the folder, a FIFO, a missing file: one line
+    each naming it and ingest's reason; the other images are predicted and the exit code is 1."""
+    from PIL import Image
+
     path, _ = model
+    monkeypatch.setenv(MAX_PIXELS_ENV, "10000")  # the 48 px test images pass, a 200 px one does not
     folder = tmp_path / "mixed"
     shutil.copytree(data / "test" / "PNEUMONIA", folder)
     good = sorted(f.name for f in folder.iterdir())
@@ -131,12 +137,13 @@ def test_bad_files_are_one_line_each_and_the_rest_are_predicted(model, data, tmp
     shutil.copy(folder / good[1], outside)
     os.symlink(outside, folder / "link.jpeg")
     os.mkfifo(folder / "pipe.jpeg")
+    Image.new("L", (200, 200)).save(folder / "big.png")
     missing = tmp_path / "gone.jpeg"
     code, out, err = _run(capsys, "--model", path, folder, missing, "--output", tmp_path / "p.json")
     assert code == 1
     lines = err.splitlines()
     reasons = {"notes.txt": "not an image", "cut.jpeg": "cannot be decoded", "link.jpeg": "symlink pointing outside",
-               "pipe.jpeg": "not a regular file"}
+               "pipe.jpeg": "not a regular file", "big.png": "too large: 200x200 px"}
     for name, reason in reasons.items():
         named = [line for line in lines if f"{folder}/{name}:" in line]
         assert len(named) == 1 and reason in named[0], (name, lines)
@@ -145,7 +152,7 @@ def test_bad_files_are_one_line_each_and_the_rest_are_predicted(model, data, tmp
     assert sorted(r["file"] for r in doc["predictions"]) == [f"{folder}/{n}" for n in good]
     assert sorted(f["file"] for f in doc["failed"]) == sorted([f"{folder}/{n}" for n in reasons] + [str(missing)])
     assert len(out.splitlines()) == 1 + len(good)
-    assert lines[-1].startswith(f"pneumonia-kfp predict: {len(good)} predicted, 5 failed")
+    assert lines[-1].startswith(f"pneumonia-kfp predict: {len(good)} predicted, 6 failed")
 
 
 def test_csv_and_json_hold_every_field(model, data, tmp_path, capsys):
