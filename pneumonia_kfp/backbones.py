@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 from pneumonia_kfp.errors import UsageError
@@ -36,9 +37,10 @@ def check_image_size(name: str, size: int) -> None:
 def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, weights: str = ""):
     """A timm model with ``num_classes`` outputs and ``in_chans=1``.
 
-    ``pretrained`` loads ImageNet weights: from ``weights`` (a local file or a store URI, for
-    air-gapped clusters) when given, otherwise from timm's hub. timm sums the first conv over RGB
-    for the single grayscale channel and drops the 1000-class classifier.
+    ``pretrained`` loads ImageNet weights: from ``weights`` (the ``pretrained_weights`` parameter, for
+    air-gapped clusters: one file, a directory of ``<backbone>.safetensors|.pth|.pt`` or a mapping
+    ``backbone=file,...``; see PretrainedWeights) when given, otherwise from timm's hub. timm sums the
+    first conv over RGB for the single grayscale channel and drops the 1000-class classifier.
     """
     import timm
 
@@ -48,9 +50,114 @@ def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, w
         return timm.create_model(name, pretrained=False, **kwargs)
     if not weights:
         return _checked_pretrained(name, "timm's hub weights", **kwargs)
+    source = PretrainedWeights(weights).file_for(name)
     with scratch_dir("weights-") as tmp:
-        path = _local_weights(weights, Path(tmp))
-        return _checked_pretrained(name, weights, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        path = _local_weights(source, Path(tmp))
+        return _checked_pretrained(name, source, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+class WeightsError(BackboneError):
+    """A ``pretrained_weights`` value that is malformed, or that holds no weights for a backbone."""
+
+
+# a name ending so is one weights file (timm reads .safetensors with safetensors, the rest with torch.load);
+# any other name is a directory
+WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+DIRECTORY_SUFFIXES = (".safetensors", ".pth", ".pt")  # <backbone><suffix> in a directory, the first found wins
+_MAPPING_ENTRY = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*=(.*)")
+EXAMPLE_MAPPING = "resnet18=/weights/resnet18.safetensors,efficientnet_b3=s3://bucket/w/efficientnet_b3.safetensors"
+
+
+class PretrainedWeights:
+    """What ``pretrained_weights`` names, read from its text alone (no I/O):
+
+    - ``""``: timm's hub;
+    - one weights file, a name ending in .safetensors, .pth, .pt, .bin or .ckpt (a local path, file:// or
+      s3:// URI): every backbone's weights, so valid only for a run of one backbone;
+    - a directory (any other local path, file:// or s3:// prefix) holding ``<backbone>.safetensors``
+      (or ``.pth`` / ``.pt`` state dicts), looked up for each backbone when it is built;
+    - a mapping ``resnet18=/w/a.safetensors,efficientnet_b3=s3://b/w.safetensors`` (files, as above).
+    """
+
+    def __init__(self, value: str):
+        from pneumonia_kfp.storage import StorageError, check_uri
+
+        self.value = value = value.strip()
+        self.mapping: dict[str, str] = {}
+        parts = value.split(",")
+        if _MAPPING_ENTRY.fullmatch(parts[0]):
+            for part in parts:
+                m = _MAPPING_ENTRY.fullmatch(part)
+                if not m or not m.group(2).strip():
+                    raise WeightsError(f"pretrained_weights entry {part.strip()!r} is not backbone=FILE: write "
+                                       f"e.g. {EXAMPLE_MAPPING}")
+                name, source = m.group(1), m.group(2).strip()
+                if name in self.mapping:
+                    raise WeightsError(f"pretrained_weights maps {name} more than once")
+                try:
+                    check_backbone(name)
+                except BackboneError as e:
+                    raise WeightsError(f"pretrained_weights maps {e}") from None
+                self.mapping[name] = source
+            self.kind = "mapping"
+        elif not value:
+            self.kind = "hub"
+        else:
+            self.kind = "file" if value.rstrip("/") == value and value.endswith(WEIGHTS_FILE_SUFFIXES) \
+                else "directory"
+        for source in self.mapping.values() or ([value] if value else []):
+            try:
+                check_uri(source, "pretrained_weights")
+            except StorageError as e:
+                raise WeightsError(str(e)) from None
+
+    def check(self, backbones: list[str]) -> None:
+        """What can be told without I/O: one file for several backbones, a mapping that lacks one."""
+        if self.kind == "file" and len(backbones) > 1:
+            raise WeightsError(
+                f"pretrained_weights {self.value} is one weights file, but the run trains {len(backbones)} backbones "
+                f"({', '.join(backbones)}): give a directory holding <backbone>.safetensors for each, or a mapping "
+                f"such as {EXAMPLE_MAPPING}")
+        if self.kind == "mapping":
+            missing = [b for b in backbones if b not in self.mapping]
+            if missing:
+                raise WeightsError(
+                    f"pretrained_weights maps no weights to {', '.join(missing)} (it maps {', '.join(self.mapping)}): "
+                    f"add {missing[0]}=FILE")
+
+    def file_for(self, backbone: str) -> str:
+        """The weights file (local path or store URI) for ``backbone``; a WeightsError naming the backbone and
+        where it looked when there is none. A directory is looked into here (its listing is I/O)."""
+        if self.kind == "mapping":
+            self.check([backbone])
+            return self.mapping[backbone]
+        if self.kind != "directory":
+            return self.value
+        names = [backbone + suffix for suffix in DIRECTORY_SUFFIXES]
+        if self.value.startswith(("s3://", "file://")):
+            from pneumonia_kfp.storage import open_store
+
+            store = open_store(self.value.rstrip("/"))
+            found = next((n for n in names if store.exists(n)), None)
+            where = store.uri
+            if found:
+                return store.uri_of(found)
+        else:
+            folder = Path(self.value).expanduser()
+            if folder.is_file():
+                raise WeightsError(
+                    f"pretrained_weights {self.value} is a file whose name does not end in "
+                    f"{', '.join(WEIGHTS_FILE_SUFFIXES)}, so it reads as a directory: rename it, e.g. to "
+                    f"{folder.name}.pth (a torch state dict) or {folder.name}.safetensors")
+            if not folder.is_dir():
+                raise WeightsError(f"pretrained_weights directory {self.value} does not exist (looked there for "
+                                   f"{backbone}'s weights: {', '.join(names)})")
+            found = next((n for n in names if (folder / n).is_file()), None)
+            where = str(folder)
+            if found:
+                return str(folder / found)
+        raise WeightsError(f"pretrained_weights has no weights for {backbone}: looked for {', '.join(names)} "
+                           f"in {where}")
 
 
 def _checked_pretrained(name: str, source: str, **kwargs):
@@ -99,8 +206,10 @@ def _local_weights(weights: str, tmp: Path) -> Path:
         open_store(parent).get_file(key, tmp / key)
         return tmp / key
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise WeightsError(f"pretrained weights file {weights} is a directory: name the weights file itself")
     if not path.is_file():
-        raise BackboneError(f"pretrained weights file {weights} does not exist")
+        raise WeightsError(f"pretrained weights file {weights} does not exist")
     return path
 
 

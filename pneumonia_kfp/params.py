@@ -90,7 +90,9 @@ PARAMS: tuple[Param, ...] = (
     Param("learning_rate", float, 1e-3, "peak learning rate (AdamW, one-cycle schedule)", positive=True, maximum=10),
     Param("seed", int, 0, "seed of weights, batch order, augmentation and carved splits", minimum=0),
     Param("pretrained", bool, False, "start from ImageNet weights (timm hub, or --pretrained-weights)"),
-    Param("pretrained_weights", str, "", "weights file or store URI, for clusters without internet"),
+    Param("pretrained_weights", str, "", "weights for clusters without internet: one file (a run of one "
+          "backbone), a directory (path, file:// or s3://) of <backbone>.safetensors|.pth|.pt, or "
+          "backbone=FILE,backbone=FILE"),
     Param("on_invalid", str, "fail", "a file that does not decode: stop the run (fail) or leave it out (skip)",
           choices=ON_INVALID),
     Param("compile_model", bool, False, "torch.compile the model for training"),
@@ -157,6 +159,10 @@ def check_run_params(params: dict) -> dict:
     if "image_size" in params:
         for name in params.get("backbones", []):
             check_image_size(name, params["image_size"])
+    if params.get("pretrained_weights"):  # its form (no I/O); a directory's files are looked up when training starts
+        from pneumonia_kfp.backbones import PretrainedWeights
+
+        PretrainedWeights(params["pretrained_weights"]).check(params.get("backbones") or [])
     return params
 
 

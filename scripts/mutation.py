@@ -71,9 +71,9 @@ MODULES = {
         ["tests/test_predict.py"]),
     "backbones": Module(
         "pneumonia_kfp/backbones.py", ["x_read_checkpoint", "x_load_checkpoint", "x__unreadable",
-                                       "x__state_dict_problem"],
+                                       "x__state_dict_problem", "xǁPretrainedWeightsǁ*", "x__local_weights"],
         ["tests/test_evaluate_inputs.py::test_every_model_file_error_is_one_line_naming_the_file",
-         "tests/test_backbones.py::test_checkpoint_roundtrip"]),
+         "tests/test_backbones.py::test_checkpoint_roundtrip", "tests/test_pretrained_weights.py"]),
     "outputs": Module(
         "pneumonia_kfp/outputs.py", ["x_*"],
         ["tests/test_outputs.py"]),
