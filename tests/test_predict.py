@@ -91,12 +91,23 @@ def test_threshold_rule_selects_another_validation_threshold(rule, model, data, 
     assert f"({rule})" in err.splitlines()[-1]
 
 
-def test_files_folders_and_s3_uris_together(model, data, tmp_path, capsys, s3_env):
+def test_files_folders_and_s3_uris_together(model, data, tmp_path, capsys, s3_env, monkeypatch):
     """A folder, two files, an s3:// prefix and one s3:// object: each image once, named as given, and an
-    object predicted like the same bytes on disk."""
+    object predicted like the same bytes on disk; the downloads went into a scratch folder, gone afterwards."""
+    from pneumonia_kfp.scratch import scratch_dir
     from pneumonia_kfp.storage import open_store
 
     path, _ = model
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads TMPDIR again
+    (tmp_path / "tmp").mkdir()
+    scratches = []
+
+    def watched(prefix=""):
+        scratches.append(prefix)
+        return scratch_dir(prefix)
+
+    monkeypatch.setattr("pneumonia_kfp.scratch.scratch_dir", watched)  # predict imports it when it runs
     normal = sorted((data / "test" / "NORMAL").glob("*.jpeg"))
     pneumonia = sorted((data / "test" / "PNEUMONIA").glob("*.jpeg"))
     bucket = f"s3://predict-{uuid.uuid4().hex[:8]}"
@@ -116,6 +127,9 @@ def test_files_folders_and_s3_uris_together(model, data, tmp_path, capsys, s3_en
     assert got[f"{bucket}/xrays/single.jpeg"] == pytest.approx(local[normal[0]], abs=1e-4)
     for f in pneumonia[:3]:
         assert got[f"{bucket}/xrays/ward/{f.name}"] == pytest.approx(local[f], abs=1e-4)
+    assert scratches == ["predict-"]
+    root = tmp_path / "tmp" / f"pneumonia-kfp-{os.geteuid()}"
+    assert root.is_dir() and list(root.iterdir()) == []  # the downloads went there and are gone
     code, _, err = _run(capsys, "--model", path, f"{bucket}/nothing-here", pneumonia[0])
     assert code == 1 and f"{bucket}/nothing-here: no such object" in err
 
