@@ -200,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
                    "(torch.export) or checkpoint.pt")
     d.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
                    help="the threshold chosen on validation by this rule (default: the model's own rule)")
-    d.add_argument("--output", help="also write the predictions to FILE.csv or FILE.json")
+    d.add_argument("--output", metavar="FILE", help="also write the predictions to FILE.csv or FILE.json")
     d.set_defaults(func=predict_cmd)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")

@@ -220,3 +220,26 @@ def test_a_bad_model_dir_is_a_usage_error(tmp_path, data, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = _run(capsys, "--model", tmp_path / "empty", f)
     assert code == 2 and err.count("\n") == 1 and f"model {tmp_path / 'empty'}: model.onnx does not exist" in err
+
+
+def test_a_stop_signal_ends_it_cleanly_and_removes_the_scratch(model, data, tmp_path, capsys, monkeypatch):
+    """A SIGTERM while images are read: exit 128 + 15, one line, and the scratch folder is gone."""
+    import signal
+
+    from pneumonia_kfp import ingest as ingest_module
+    from pneumonia_kfp.procs import Stopped
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    (tmp_path / "tmp").mkdir()
+    seen = []
+
+    def stopped(source, files, tmp, *args, **kwargs):
+        seen.append(tmp)
+        raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(ingest_module, "read_files", stopped)
+    code, out, err = _run(capsys, "--model", model[0], data / "test")
+    assert code == 128 + signal.SIGTERM and out == ""
+    assert err.splitlines() == ["pneumonia-kfp predict: stopped by SIGTERM; its temporary files were removed"]
+    assert len(seen) == 1 and str(seen[0]).startswith(str(tmp_path / "tmp")) and not seen[0].exists()
