@@ -74,6 +74,10 @@ MODULES = {
                                        "x__state_dict_problem", "xǁPretrainedWeightsǁ*", "x__local_weights"],
         ["tests/test_evaluate_inputs.py::test_every_model_file_error_is_one_line_naming_the_file",
          "tests/test_backbones.py::test_checkpoint_roundtrip", "tests/test_pretrained_weights.py"]),
+    # the Triton model repository: names, types and shapes from the ONNX graph, the batch axis, the link
+    "export": Module(
+        "pneumonia_kfp/export.py", ["x_triton_name", "x_onnx_tensors", "x_triton_config", "x_write_triton_repository"],
+        ["tests/test_export_triton.py"]),
     "outputs": Module(
         "pneumonia_kfp/outputs.py", ["x_*"],
         ["tests/test_outputs.py"]),

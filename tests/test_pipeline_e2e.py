@@ -47,7 +47,8 @@ def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):
     # each backbone's model directory, copied out of the runner's artifacts; per-image predictions
     for name in ("efficientnet_b0", "resnet18"):
         assert {p.name for p in (out / "models" / name).iterdir()} == {"checkpoint.pt", "model.pt2", "model.onnx",
-                                                                       "metadata.json"}
+                                                                       "metadata.json", "triton"}
+        assert (out / "models" / name / "triton" / f"pneumonia-{name}" / "config.pbtxt").is_file()
     # the ensemble's own ClassificationMetrics for the UI, from the report step
     report_out = json.loads(next((out / "kfp-root").rglob("report-op/executor_output.json")).read_text())
     (ensemble,) = report_out["artifacts"]["ensemble_classification"]["artifacts"]
