@@ -20,7 +20,8 @@ def train_op(
         learning_rate: peak learning rate of the one-cycle schedule.
         seed: seed of weights, batch order, augmentation and the validation carve.
         pretrained: start from ImageNet weights (timm hub, or pretrained_weights).
-        pretrained_weights: weights file or store URI for air-gapped clusters; empty: the hub.
+        pretrained_weights: for air-gapped clusters: one file (one backbone), a directory of
+            <backbone>.safetensors, or backbone=FILE,...; a path or store URI; empty: the hub.
         compile_model: torch.compile the model for training.
         threshold_rule: which validation-chosen threshold is the default (balanced, youden, sensitivity95).
         tta: predict with test-time augmentation (validation thresholds and evaluation alike).
