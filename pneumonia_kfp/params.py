@@ -159,6 +159,9 @@ def check_run_params(params: dict) -> dict:
     if "image_size" in params:
         for name in params.get("backbones", []):
             check_image_size(name, params["image_size"])
+    if params.get("pretrained_weights") and params.get("pretrained") is False:  # else silently a run from scratch
+        raise UsageError("pretrained_weights is given but pretrained is off, so the weights would be ignored: add "
+                         "--pretrained (pipeline: pretrained=true), or leave out --pretrained-weights")
     if params.get("pretrained_weights"):  # its form (no I/O); a directory's files are looked up when training starts
         from pneumonia_kfp.backbones import PretrainedWeights
 

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from pneumonia_kfp.backbones import PretrainedWeights, WeightsError, create_backbone
+from pneumonia_kfp.errors import UsageError
 from pneumonia_kfp.params import check_run_params
 from pneumonia_kfp.pipelines.cli import main
 
@@ -145,3 +146,13 @@ def test_run_local_refuses_before_any_work(tmp_path, capsys, weights, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_weights_without_pretrained_are_refused_not_ignored(tmp_path):
+    """Weights given with pretrained off would train from scratch without a word: one line instead."""
+    with pytest.raises(UsageError) as e:
+        check_run_params({"backbones": ["resnet18"], "pretrained": False, "pretrained_weights": str(tmp_path)})
+    assert str(e.value) == ("pretrained_weights is given but pretrained is off, so the weights would be ignored: add "
+                            "--pretrained (pipeline: pretrained=true), or leave out --pretrained-weights")
+    assert check_run_params({"backbones": ["resnet18"], "pretrained": True, "pretrained_weights": str(tmp_path)})
+    assert check_run_params({"backbones": ["resnet18"], "pretrained": False, "pretrained_weights": ""})
