@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import stat
 import subprocess
 import sys
 
@@ -29,6 +27,7 @@ from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.training import train
 from pneumonia_kfp.validation import load_image
+from tests.hostile import special_files
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 COMMANDS = ["ingest", "evaluate"]
@@ -56,62 +55,29 @@ def run(command: str, data, tmp_path, model_dir) -> None:
         evaluate_folder(str(model_dir), str(data), tmp_path / "out")
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width×height pixels and holds none (a decompression-bomb header)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
-
-
 @pytest.fixture
 def hostile(data, tmp_path):
     """One of each hostile file in test/NORMAL (the split both commands read); {relpath: reason}."""
     n = data / "test" / "NORMAL"
     some = sorted(n.glob("*.jpeg"))[0]
-    os.mkfifo(n / "fifo.jpeg")
-    os.symlink(n / "fifo.jpeg", n / "link-to-fifo.jpeg")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(n / "socket.jpeg"))
-    os.symlink(n / "loop-b.jpeg", n / "loop-a.jpeg")
-    os.symlink(n / "loop-a.jpeg", n / "loop-b.jpeg")
-    os.symlink(n / "gone.jpeg", n / "dangling.jpeg")
     os.symlink("/etc/hostname", n / "hostname.jpeg")  # readable, outside the data root: never opened
     outside = tmp_path / "outside.jpeg"
     shutil.copy(some, outside)
     os.symlink(outside, n / "escape.jpeg")
-    (n / "bomb.png").write_bytes(_png_header(30000, 30000))
     (n / "empty.jpeg").write_bytes(b"")
     (n / "truncated.jpeg").write_bytes(some.read_bytes()[:300])
     (n / "notes.txt").write_text("clinician notes")
     Image.new("L", (12, 12), 100).save(n / "tiny.png")
-    expected = {
-        "fifo.jpeg": "not a regular file (a FIFO)",
-        "link-to-fifo.jpeg": "not a regular file (a FIFO)",
-        "socket.jpeg": "not a regular file (a socket)",
-        "loop-a.jpeg": "symlink loop",
-        "loop-b.jpeg": "symlink loop",
-        "dangling.jpeg": "broken symlink (its target does not exist)",
-        "hostname.jpeg": "symlink pointing outside the data root",
-        "escape.jpeg": "symlink pointing outside the data root",
-        "bomb.png": "too large: 30000x30000 px = 900 MP, over the pixel limit of 50 MP (PNEUMONIA_KFP_MAX_PIXELS)",
-        "empty.jpeg": "zero-byte file",
-        "truncated.jpeg": "truncated",  # the decoder's words; checked as a part
-        "notes.txt": "not an image (no decoder recognises its content)",
-        "tiny.png": "too small: 12x12 px (minimum 32 px a side)",
-    }
-    if os.geteuid() == 0:  # a device node needs root to make; without root, a symlink to one (outside the root)
-        os.mknod(n / "device.jpeg", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-        expected["device.jpeg"] = "not a regular file (a character device)"
-    else:
-        os.symlink("/dev/zero", n / "device.jpeg")
-        expected["device.jpeg"] = "symlink pointing outside the data root"
-    yield {f"test/NORMAL/{name}": why for name, why in expected.items()}
-    sock.close()
+    with special_files(n) as expected:
+        expected.update({
+            "hostname.jpeg": "symlink pointing outside the data root",
+            "escape.jpeg": "symlink pointing outside the data root",
+            "empty.jpeg": "zero-byte file",
+            "truncated.jpeg": "truncated",  # the decoder's words; checked as a part
+            "notes.txt": "not an image (no decoder recognises its content)",
+            "tiny.png": "too small: 12x12 px (minimum 32 px a side)",
+        })
+        yield {f"test/NORMAL/{name}": why for name, why in expected.items()}
 
 
 NEVER_OPENED = ("fifo.jpeg", "socket.jpeg", "loop-a.jpeg", "loop-b.jpeg", "dangling.jpeg", "hostname.jpeg",

@@ -10,6 +10,7 @@ from PIL import Image
 from pneumonia_kfp.data import DataError, StoredDataset
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.storage import open_store
+from tests.hostile import special_files
 
 
 @pytest.fixture
@@ -125,18 +126,6 @@ def test_same_patient_in_train_and_test_is_a_warning(data, tmp_path, caplog):
 
 # --- hostile files: rejected with a reason under both policies, never a hang or a traceback ------------
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width×height pixels and holds none (a decompression-bomb header)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
-
-
 def _cli_ingest(data, tmp_path, *extra, env=None):
     import subprocess
     import sys
@@ -151,39 +140,12 @@ def _cli_ingest(data, tmp_path, *extra, env=None):
 @pytest.fixture
 def hostile(data, tmp_path):
     """The data folder with one of each hostile file in train/NORMAL; {relpath: expected reason}."""
-    import socket
-    import stat
-
     n = data / "train" / "NORMAL"
-    os.mkfifo(n / "fifo.jpeg")
-    os.symlink(n / "fifo.jpeg", n / "link-to-fifo.jpeg")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(n / "socket.jpeg"))
-    os.symlink(n / "loop-b.jpeg", n / "loop-a.jpeg")
-    os.symlink(n / "loop-a.jpeg", n / "loop-b.jpeg")
-    os.symlink(n / "gone.jpeg", n / "dangling.jpeg")
-    (n / "bomb.png").write_bytes(_png_header(30000, 30000))
     Image.new("L", (8000, 8000)).save(n / "big.png")  # a real 64 MP image, a few hundred KB as PNG
-    expected = {
-        "train/NORMAL/fifo.jpeg": "not a regular file (a FIFO)",
-        "train/NORMAL/link-to-fifo.jpeg": "not a regular file (a FIFO)",
-        "train/NORMAL/socket.jpeg": "not a regular file (a socket)",
-        "train/NORMAL/loop-a.jpeg": "symlink loop",
-        "train/NORMAL/loop-b.jpeg": "symlink loop",
-        "train/NORMAL/dangling.jpeg": "broken symlink (its target does not exist)",
-        "train/NORMAL/bomb.png": "too large: 30000x30000 px = 900 MP, over the pixel limit of 50 MP "
-                                 "(PNEUMONIA_KFP_MAX_PIXELS)",
-        "train/NORMAL/big.png": "too large: 8000x8000 px = 64 MP, over the pixel limit of 50 MP "
-                                "(PNEUMONIA_KFP_MAX_PIXELS)",
-    }
-    if os.geteuid() == 0:  # a device node needs root to make; without root, a symlink to one (outside the root)
-        os.mknod(n / "device.jpeg", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-        expected["train/NORMAL/device.jpeg"] = "not a regular file (a character device)"
-    else:
-        os.symlink("/dev/zero", n / "device.jpeg")
-        expected["train/NORMAL/device.jpeg"] = "symlink pointing outside the data root"
-    yield expected
-    sock.close()
+    with special_files(n) as expected:
+        expected["big.png"] = ("too large: 8000x8000 px = 64 MP, over the pixel limit of 50 MP "
+                               "(PNEUMONIA_KFP_MAX_PIXELS)")
+        yield {f"train/NORMAL/{name}": why for name, why in expected.items()}
 
 
 def test_hostile_files_fail_with_one_line_naming_them(hostile, data, tmp_path):
