@@ -275,7 +275,10 @@ class FileStore(Store):
                 if e.is_dir(follow_symlinks=False):
                     dirs.append(key)
                 elif not e.name.startswith(".partial-"):
-                    st = e.stat(follow_symlinks=False)
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed since the listing (another writer's discarded pack, gc)
                     if stat.S_ISREG(st.st_mode):
                         found[key] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return found

@@ -1,5 +1,7 @@
+import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +204,22 @@ def test_put_new_on_a_server_without_conditional_writes_falls_back_to_a_plain_pu
     monkeypatch.setattr(store.client, "_put_object", refused)
     with pytest.raises(StorageError, match="AccessDenied"):
         store.put_new("m.json", b"third")
+
+
+def test_a_file_removed_while_listing_is_left_out(tmp_path, monkeypatch):
+    """Another writer discards its packs while a re-ingest lists the version: no FileNotFoundError."""
+    from pneumonia_kfp import storage
+
+    store = open_store(tmp_path.as_uri())
+    store.put_bytes("v/raw/a.pack", b"a")
+    store.put_bytes("v/raw/b.pack", b"b")
+    real = os.scandir
+
+    def racing(path):
+        entries = list(real(path))
+        if str(path).endswith("raw"):
+            (Path(path) / "a.pack").unlink()  # gone after the directory was read, before its stat
+        return iter(entries)
+
+    monkeypatch.setattr(storage.os, "scandir", racing)
+    assert list(store.signatures("v")) == ["v/raw/b.pack"]
