@@ -1,6 +1,7 @@
 import shutil
 import socket
 import time
+import uuid
 
 import pytest
 
@@ -67,3 +68,20 @@ def reads(monkeypatch):
 
     monkeypatch.setattr(ingest_module._Reader, "read", counting)
     return opened
+
+
+@pytest.fixture(scope="module")
+def dataset(image_folder, tmp_path_factory):
+    """The image folder ingested at 32 px into a store of the module's own."""
+    from pneumonia_kfp.ingest import ingest
+
+    return ingest(str(image_folder), tmp_path_factory.mktemp("store").as_uri(), image_size=32)
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request, tmp_path):
+    """A fresh store URI, once on the file store and once on the test S3 server."""
+    if request.param == "file":
+        return (tmp_path / "store").as_uri()
+    request.getfixturevalue("s3_env")
+    return f"s3://store-{uuid.uuid4().hex[:8]}/p"

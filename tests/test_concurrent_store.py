@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -35,14 +34,6 @@ ingest.publish = gated
 from pneumonia_kfp.pipelines.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(params=["file", "s3"])
-def storage(request, tmp_path):
-    if request.param == "file":
-        return (tmp_path / "store").as_uri()
-    request.getfixturevalue("s3_env")
-    return f"s3://race-{uuid.uuid4().hex[:8]}/p"
 
 
 @pytest.fixture(scope="module")

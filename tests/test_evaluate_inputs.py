@@ -34,11 +34,6 @@ COMMANDS = ["ingest", "evaluate"]
 
 
 @pytest.fixture(scope="module")
-def dataset(image_folder, tmp_path_factory):
-    return ingest(str(image_folder), tmp_path_factory.mktemp("store").as_uri(), image_size=32)
-
-
-@pytest.fixture(scope="module")
 def model(dataset, tmp_path_factory):
     """A model trained under the youden rule, so its threshold is not 0.5: (directory, metadata)."""
     out = tmp_path_factory.mktemp("model")

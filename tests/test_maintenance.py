@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -13,14 +12,6 @@ from pneumonia_kfp.maintenance import DurationError, gc, parse_duration, verify
 from pneumonia_kfp.storage import StorageError, open_store
 
 CLI = [sys.executable, "-m", "pneumonia_kfp.pipelines.cli"]
-
-
-@pytest.fixture(params=["file", "s3"])
-def storage(request, tmp_path):
-    if request.param == "file":
-        return (tmp_path / "store").as_uri()
-    request.getfixturevalue("s3_env")
-    return f"s3://gc-{uuid.uuid4().hex[:8]}/p"
 
 
 @pytest.fixture

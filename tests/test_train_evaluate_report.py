@@ -25,11 +25,6 @@ from pneumonia_kfp.training import TrainingState, train, train_val_split
 
 
 @pytest.fixture(scope="module")
-def dataset(image_folder, tmp_path_factory):
-    return ingest(str(image_folder), tmp_path_factory.mktemp("store").as_uri(), image_size=32)
-
-
-@pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     runs = {}
