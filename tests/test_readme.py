@@ -242,3 +242,24 @@ def test_table_of_contents_reaches_every_section():
 ])
 def test_github_anchor(text, expected):
     assert github_anchor(text) == expected
+
+
+def test_the_step_names_the_readme_gives_are_the_compiled_ones(tmp_path):
+    """Section 7 tells users what to click in the KFP UI: the task names of the compiled YAML, no other."""
+    import yaml
+
+    from pneumonia_kfp.pipelines.cli import main
+
+    assert main(["compile", "-o", str(tmp_path / "p.yaml")]) == 0
+    spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    compiled = set()
+    for dag in [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]:
+        compiled |= {t["taskInfo"]["name"] for t in dag["tasks"].values()}
+    text = README.read_text()
+    section = text[text.index("### 7. Find the run"):]
+    section = section[:section.index("\n## ", 1)]
+    named = {m for m in re.findall(r"`([a-z][a-z0-9-]*)`", section) if m.endswith("-op") or m.startswith("for-loop")
+             or m == "train-and-evaluate" or m.startswith("condition")}
+    steps = {name for name in compiled if not name.startswith("condition")}
+    assert named <= compiled, f"README names steps the compiled pipeline lacks: {sorted(named - compiled)}"
+    assert steps <= named, f"README section 7 does not name the compiled steps {sorted(steps - named)}"
