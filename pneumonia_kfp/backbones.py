@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from pneumonia_kfp.errors import UsageError
-from pneumonia_kfp.params import MIN_IMAGE_SIZE
 from pneumonia_kfp.scratch import scratch_dir
 
 
@@ -24,14 +23,13 @@ def check_backbone(name: str) -> None:
 
 
 def check_image_size(name: str, size: int) -> None:
-    """Reject an image size the backbone cannot take (fixed-size models such as ViTs, or < 32 px)."""
+    """Reject an image size the backbone cannot take (fixed-size models such as ViTs); the size's own
+    limits are params' (checked with the other run parameters before this)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
     if cfg is not None and cfg.fixed_input_size and size != cfg.input_size[-1]:
         raise BackboneError(f"{name} takes only {cfg.input_size[-1]} px images, not --image-size {size}")
-    if size < MIN_IMAGE_SIZE:
-        raise BackboneError(f"--image-size {size} is too small for {name}: use at least {MIN_IMAGE_SIZE} px")
 
 
 def create_backbone(name: str, num_classes: int = 2, pretrained: bool = False, weights: str = ""):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any, List
 
 from pneumonia_kfp.errors import UsageError
+from pneumonia_kfp.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # noqa: F401  (validation reads them here too)
 
 SEED_BACKBONES = ("resnext50_32x4d", "densenet161", "resnet18", "resnet50", "efficientnet_b3")
-MIN_IMAGE_SIZE = 32  # px a side: CNN backbones downsample 32x, smaller inputs vanish before the head
-MAX_IMAGE_SIZE = 1024  # px a side: a 224 px Kermany set is 0.3 GB of uint8 tensors; 1024 px would be 6 GB
 ON_INVALID = ("fail", "skip")
 # an image whose header declares more pixels than this is rejected before it is decoded (decompression
 # bombs: a 140 KB PNG can declare 12000x12000 px, 384 MB decoded); a setting, not a run parameter
