@@ -219,42 +219,6 @@ def grayscale_normalization(model) -> tuple[float, float]:
     return float(sum(mean) / len(mean)), float(sum(std) / len(std))
 
 
-PREDICT_PIXELS = 256 * 224 * 224  # image pixels per inference batch: 256 images at 224 px, fewer larger ones
-
-
-def predict(model, images, mean: float, std: float, tta: bool = False):
-    """Probability of the positive class for uint8 images (N×1×S×S, numpy or tensor); with ``tta`` the
-    mean over augmentation.TTA_VIEWS, made batch by batch on the model's device.
-
-    In fp32, without autocast: the thresholds train picks on validation and the test figures evaluate
-    computes (perhaps on another device) come from predictions made the same way.
-    """
-    import numpy as np
-    import torch
-
-    from pneumonia_kfp import augmentation
-
-    device = next(model.parameters()).device
-    images = torch.as_tensor(images)
-    batch = max(1, PREDICT_PIXELS // (images.shape[-1] * images.shape[-2]))
-    views = augmentation.TTA_VIEWS if tta else (None,)
-
-    def positive(x):
-        x = augmentation.normalize(x, mean, std)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(model(x).float(), 1)[:, 1]
-
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch].to(device)
-            prob = sum(positive(chunk if v is None else augmentation.tta_view(chunk, v)) for v in views)
-            out.append((prob / len(views)).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 def save_checkpoint(path, model, **meta) -> None:
     import torch
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia_kfp.errors import DataError
+from pneumonia_kfp.inference import predict, predictions_block
 from pneumonia_kfp.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,6 @@ def ui_scalars(r: dict) -> dict[str, float]:
     })
     return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
             if v is not None and math.isfinite(v)}
-
-
-def predictions_block(entries: list[dict], labels, prob) -> dict:
-    """Per-image predictions of one split: file (path in the dataset), patient, label, probability."""
-    return {"file": [e["path"] for e in entries], "patient": [e.get("patient") for e in entries],
-            "label": [int(v) for v in labels], "prob": [float(p) for p in prob]}
 
 
 def _groups(block: dict) -> list[str]:
@@ -132,7 +127,6 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
 
     ``model_path``: a model directory written by train (or its checkpoint file).
     """
-    from pneumonia_kfp.backbones import predict
     from pneumonia_kfp.data import StoredDataset
     from pneumonia_kfp.device import select_device
 
@@ -256,7 +250,6 @@ def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
     report.md, report.html and predictions.csv in the pipeline's contract. A folder of one class is
     scored with the figures that need both classes (specificity or sensitivity, AUC) left undefined
     (null), and a warning."""
-    from pneumonia_kfp.backbones import predict
     from pneumonia_kfp.device import select_device
     from pneumonia_kfp.report import report, write_outputs
 

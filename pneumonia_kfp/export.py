@@ -143,8 +143,8 @@ def triton_config(proto, name: str) -> str:
     > 0, dynamic batching) and ``dims`` leave it out; an output that is the batch axis alone (P(positive)
     per image) is ``dims: [ 1 ]`` reshaped to ``[ ]``, so a response holds N×1 values. Without such an
     axis, ``max_batch_size: 0`` and the full shapes. ``max_batch_size`` keeps a batch near the pixels of
-    256 images at 224 px (backbones.PREDICT_PIXELS), within the export's MAX_BATCH."""
-    from pneumonia_kfp.backbones import PREDICT_PIXELS
+    256 images at 224 px (inference.PREDICT_PIXELS), within the export's MAX_BATCH."""
+    from pneumonia_kfp.inference import PREDICT_PIXELS
 
     tensors = onnx_tensors(proto)
     batched = all(dims and dims[0] == -1 for _, _, _, dims in tensors)

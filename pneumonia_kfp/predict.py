@@ -105,8 +105,9 @@ def _choose_engine(directory: Path, engine: str) -> str:
 
 def load_model(model_dir: str | Path, engine: str = "onnx") -> Model:
     """The model of a model directory (train's output) in ``engine``'s form; a one-line error when it cannot."""
-    from pneumonia_kfp.backbones import PREDICT_PIXELS, WHERE_MODELS_ARE, ModelFileError
+    from pneumonia_kfp.backbones import WHERE_MODELS_ARE, ModelFileError
     from pneumonia_kfp.export import CHECKPOINT
+    from pneumonia_kfp.inference import PREDICT_PIXELS
 
     directory = Path(model_dir)
     if not directory.exists():
@@ -116,7 +117,8 @@ def load_model(model_dir: str | Path, engine: str = "onnx") -> Model:
     engine = _choose_engine(directory, engine)
     path = _engine_file(directory, engine)
     if engine == "checkpoint":
-        from pneumonia_kfp.backbones import load_checkpoint, predict
+        from pneumonia_kfp.backbones import load_checkpoint
+        from pneumonia_kfp.inference import predict
 
         net, meta = load_checkpoint(path, "cpu", required=("image_size", "mean", "std", "threshold_rule"))
         mean, std = meta["mean"], meta["std"]

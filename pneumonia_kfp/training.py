@@ -179,7 +179,7 @@ def validate(model, images, labels, mean: float, std: float, tta: bool = False) 
     """Validation probability of the positive class, loss (binary cross-entropy) and AUC."""
     import torch
 
-    from pneumonia_kfp.backbones import predict
+    from pneumonia_kfp.inference import predict
     from pneumonia_kfp.metrics import auc
 
     prob = predict(model, images, mean, std, tta=tta)
@@ -214,7 +214,7 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
 def select(state: TrainingState, vx, vy, val_entries, classes, mean, std, threshold_rule: str, tta: bool,
            seed: int) -> dict:
     """Load the kept epoch's weights; its validation predictions, thresholds of every rule and report."""
-    from pneumonia_kfp.evaluation import predictions_block
+    from pneumonia_kfp.inference import predictions_block
     from pneumonia_kfp.metrics import classification_report, thresholds
 
     model = state.model

@@ -199,19 +199,19 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_inference_batches_hold_a_fixed_number_of_pixels(tta, monkeypatch):
-    from pneumonia_kfp import augmentation, backbones
+    from pneumonia_kfp import augmentation, inference
 
-    monkeypatch.setattr(backbones, "PREDICT_PIXELS", 3 * 64 * 64)
+    monkeypatch.setattr(inference, "PREDICT_PIXELS", 3 * 64 * 64)
     viewed = []
     view = augmentation.tta_view
     monkeypatch.setattr(augmentation, "tta_view", lambda x, v: viewed.append(len(x)) or view(x, v))
     model = Recorder()
     images = np.random.default_rng(0).integers(0, 256, (7, 1, 64, 64), dtype=np.uint8)
-    prob = backbones.predict(model, images, 0.5, 0.25, tta=tta)
+    prob = inference.predict(model, images, 0.5, 0.25, tta=tta)
     views = len(augmentation.TTA_VIEWS) if tta else 1
     assert prob.shape == (7,) and [b[0] for b in model.batches] == [n for n in (3, 3, 1) for _ in range(views)]
     assert viewed == ([n for n in (3, 3, 1) for _ in range(views)] if tta else [])  # views made per batch
     assert {b[1:] for b in model.batches} == {(torch.float32, False)}  # fp32, no autocast
     small = Recorder()  # a quarter of the pixels per image: four times the images per batch
-    backbones.predict(small, images[:, :, :32, :32], 0.5, 0.25)
+    inference.predict(small, images[:, :, :32, :32], 0.5, 0.25)
     assert [b[0] for b in small.batches] == [7]

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from pneumonia_kfp import evaluation
-from pneumonia_kfp.backbones import create_backbone, load_checkpoint, predict
+from pneumonia_kfp.backbones import create_backbone, load_checkpoint
 from pneumonia_kfp.data import DataError
 from pneumonia_kfp.evaluation import evaluate, evaluate_folder
 from pneumonia_kfp.export import CHECKPOINT
+from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.training import train

@@ -12,8 +12,9 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from pneumonia_kfp import export
-from pneumonia_kfp.backbones import PREDICT_PIXELS, create_backbone, load_checkpoint, predict, save_checkpoint
+from pneumonia_kfp.backbones import create_backbone, load_checkpoint, save_checkpoint
 from pneumonia_kfp.export import CHECKPOINT, ONNX, export_model, triton_config, triton_name
+from pneumonia_kfp.inference import PREDICT_PIXELS, predict
 
 SIZE = 32
 # Triton's DataType enum, in its numbering (triton-inference-server/common protobuf/model_config.proto)

@@ -12,12 +12,13 @@ import pytest
 import torch
 from kfp import local
 
-from pneumonia_kfp.backbones import load_checkpoint, predict
+from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.components.evaluate import evaluate_op
 from pneumonia_kfp.components.report import report_op
 from pneumonia_kfp.components.train import train_op
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.export import CHECKPOINT, load_onnx, load_pt2
+from pneumonia_kfp.inference import predict
 from pneumonia_kfp.pipelines.pipeline import build_pipeline
 from pneumonia_kfp.telemetry import ENV_PROGRESS, ENV_PROGRESS_SECONDS, ENV_PUSHGATEWAY
 from tests.pushgateway import scrape

@@ -10,8 +10,9 @@ import uuid
 import numpy as np
 import pytest
 
-from pneumonia_kfp.backbones import load_checkpoint, predict
+from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.export import CHECKPOINT, ONNX, export_model
+from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.pipelines.cli import main

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pneumonia_kfp.backbones import load_checkpoint, predict
+from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.evaluation import evaluate, ui_scalars
 from pneumonia_kfp.export import CHECKPOINT, export_model, load_onnx, load_pt2
+from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.report import BEST_RULE, HEADER, MAX_HTML_BYTES, best_model, html_report, report
 from pneumonia_kfp.training import TrainingState, train, train_val_split

@@ -10,9 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from pneumonia_kfp import device as devices
-from pneumonia_kfp.backbones import load_checkpoint, predict
+from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.data import StoredDataset
 from pneumonia_kfp.device import DETERMINISTIC_ENV
+from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.metrics import bootstrap_ci
 from pneumonia_kfp.storage import open_store
