@@ -172,6 +172,11 @@ def threshold_for(model: Model, rule: str | None = None) -> tuple[str, float]:
     return rule, model.thresholds[rule]
 
 
+def label(model: Model, probability: float, threshold: float) -> str:
+    """The positive class at or above ``threshold``, else the negative one (predict's and serve's rule)."""
+    return model.classes[1] if probability >= threshold else model.classes[0]
+
+
 def check_output(output: str | None) -> None:
     if output and Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
         raise PredictError(f"--output {output}: name a .csv or .json file")
@@ -280,7 +285,7 @@ def predict_paths(model_dir: str | Path, paths: list[str], engine: str = "onnx",
     prob = model.run(np.ascontiguousarray(images[good])) if good else np.zeros(0, np.float32)
     for i, p in zip(good, prob, strict=True):
         out.rows.append({"file": files[i].relpath, "probability": float(p),
-                         "label": model.classes[1] if p >= threshold else model.classes[0]})
+                         "label": label(model, float(p), threshold)})
     return out
 
 
