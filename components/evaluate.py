@@ -21,13 +21,16 @@ def evaluate_op(
         classification: confusion matrix (class names as labels) and test ROC for the UI.
         results: this model's entry of results.json, with its per-image predictions.
     """
-    from pneumonia_kfp.evaluation import evaluate, log_ui_metrics
-    from pneumonia_kfp.outputs import document, write_file
-    from pneumonia_kfp.runs import save_result
+    from pneumonia_kfp.task_errors import recording_errors
 
-    r = evaluate(dataset.metadata["uri"], model.path, external_data=external_data)
-    r["model_uri"] = model.uri  # run-local copies the model directory from here
-    log_ui_metrics(r, metrics, classification)
-    results.metadata["backbone"] = r["backbone"]
-    write_file(results.path, document(r, indent=None))  # strict JSON, whole or not at all
-    save_result(run_dir, r)
+    with recording_errors("evaluate-op"):
+        from pneumonia_kfp.evaluation import evaluate, log_ui_metrics
+        from pneumonia_kfp.outputs import document, write_file
+        from pneumonia_kfp.runs import save_result
+
+        r = evaluate(dataset.metadata["uri"], model.path, external_data=external_data)
+        r["model_uri"] = model.uri  # run-local copies the model directory from here
+        log_ui_metrics(r, metrics, classification)
+        results.metadata["backbone"] = r["backbone"]
+        write_file(results.path, document(r, indent=None))  # strict JSON, whole or not at all
+        save_result(run_dir, r)

@@ -28,17 +28,21 @@ def train_op(
         model: a directory: checkpoint.pt (the selected epoch, thresholds, validation predictions),
             model.pt2 (torch.export) and model.onnx (uint8 images in, P(positive) out), metadata.json.
     """
-    import logging
-    import os
+    from pneumonia_kfp.task_errors import recording_errors
 
-    from pneumonia_kfp.export import CHECKPOINT, export_model
-    from pneumonia_kfp.training import train
+    with recording_errors("train-op"):
+        import logging
+        import os
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    os.makedirs(model.path, exist_ok=True)
-    meta = train(dataset.metadata["uri"], backbone, os.path.join(model.path, CHECKPOINT), epochs=epochs,
-                 batch_size=batch_size, learning_rate=learning_rate, seed=seed, pretrained=pretrained,
-                 weights=pretrained_weights, compile_model=compile_model, threshold_rule=threshold_rule, tta=tta)
-    model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "threshold_rule", "image_size",
-                                                "epochs", "pretrained", "seconds", "images_per_second")})
-    model.metadata["formats"] = export_model(model.path)["formats"]
+        from pneumonia_kfp.export import CHECKPOINT, export_model
+        from pneumonia_kfp.training import train
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        os.makedirs(model.path, exist_ok=True)
+        meta = train(dataset.metadata["uri"], backbone, os.path.join(model.path, CHECKPOINT), epochs=epochs,
+                     batch_size=batch_size, learning_rate=learning_rate, seed=seed, pretrained=pretrained,
+                     weights=pretrained_weights, compile_model=compile_model, threshold_rule=threshold_rule, tta=tta)
+        model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "threshold_rule",
+                                                    "image_size", "epochs", "pretrained", "seconds",
+                                                    "images_per_second")})
+        model.metadata["formats"] = export_model(model.path)["formats"]
