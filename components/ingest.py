@@ -16,13 +16,16 @@ def ingest_op(data: str, storage: str, image_size: int, seed: int, on_invalid: s
         on_invalid: a file that does not decode: "fail" stops the run, "skip" leaves it out.
         dataset: the version's metadata (uri, sha, classes, counts per split and class), also as JSON.
     """
-    import json
-    import logging
+    from pneumonia_kfp.task_errors import recording_errors
 
-    from pneumonia_kfp.ingest import ingest
+    with recording_errors("ingest-op"):
+        import json
+        import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    info = ingest(data, storage, image_size=image_size, seed=seed, on_invalid=on_invalid)
-    dataset.metadata.update(info)
-    with open(dataset.path, "w") as f:
-        json.dump(info, f, indent=1)
+        from pneumonia_kfp.ingest import ingest
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        info = ingest(data, storage, image_size=image_size, seed=seed, on_invalid=on_invalid)
+        dataset.metadata.update(info)
+        with open(dataset.path, "w") as f:
+            json.dump(info, f, indent=1)

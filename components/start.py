@@ -14,8 +14,11 @@ def start_op(storage: str) -> NamedTuple("Outputs", [("run_dir", str)]):
     Returns:
         run_dir: the run folder's URI.
     """
-    from collections import namedtuple
+    from pneumonia_kfp.task_errors import recording_errors
 
-    from pneumonia_kfp.runs import new_run
+    with recording_errors("start-op"):
+        from collections import namedtuple
 
-    return namedtuple("Outputs", ["run_dir"])(new_run(storage))
+        from pneumonia_kfp.runs import new_run
+
+        return namedtuple("Outputs", ["run_dir"])(new_run(storage))
