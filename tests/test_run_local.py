@@ -14,7 +14,8 @@ import torch
 
 from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.pipelines.cli import main
-from pneumonia_kfp.pipelines.local import SYNTHETIC_WARNING, ConsoleFilter
+from pneumonia_kfp.pipelines.console import ConsoleFilter
+from pneumonia_kfp.pipelines.local import SYNTHETIC_WARNING
 from pneumonia_kfp.procs import alive, descendants
 from pneumonia_kfp.synthetic import DEMO_COUNTS, make_synthetic
 
@@ -23,44 +24,25 @@ START = "16:04:34.611 - INFO - Executing task \x1b[96m'{}'\x1b[0m\n"
 END = "16:04:36.619 - {} - Task \x1b[96m'{}'\x1b[0m finished with status \x1b[{}m{}\x1b[0m\n"
 
 
-def _traceback(exception_line: str) -> str:
-    return ("    Traceback (most recent call last):\n"
-            '      File "/venv/lib/python3.11/site-packages/kfp/dsl/executor.py", line 453, in execute\n'
-            "        result = self.func(**func_kwargs)\n"
-            "                 ^^^^^^^^^^^^^^^^^^^^^^^^\n"
-            f"    {exception_line}\n")
-
-
-def test_console_filter_finds_the_failing_tasks_own_error_line():
-    console = io.StringIO()
-    stream = ConsoleFilter(io.StringIO(), console)
-    stream.write(START.format("train-op") + START.format("train-op-2"))
-    # the healthy task logs a line that merely looks like an error, in between the other's traceback
-    stream.write("    [KFP Executor 2026-11-27 16:04:35,000 INFO]: ValueError: retrying a flaky read (ok)\n")
-    stream.write("    Traceback (most recent call last):\n"
-                 '      File "/work/pneumonia_kfp/training.py", line 10, in train\n')
-    stream.write("    [KFP Executor 2026-11-27 16:04:35,100 INFO]: resnet50 epoch 1/5  loss 0.6\n")  # interleaved
-    stream.write("        raise torch.OutOfMemoryError('CUDA out of memory')\n"
-                 "    torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
-                 "    \n")
-    stream.write(END.format("ERROR", "train-op", 91, "FAILURE"))
-    stream.write("    RuntimeError: something a later task printed\n")
-    stream.write(END.format("INFO", "train-op-2", 92, "SUCCESS"))
-    assert stream.failure == ("train-op", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert "resnet50 epoch 1/5" in console.getvalue() and "FAILURE" in console.getvalue()
-
-
-@pytest.mark.parametrize("exception_line, expected", [
-    ("KeyboardInterrupt", "KeyboardInterrupt"),  # not an *Error
-    ("pneumonia_kfp.errors.DataError: 1 of 29 files rejected", "DataError: 1 of 29 files rejected"),
-    ("Exception: plain", "Exception: plain"),
-])
-def test_console_filter_takes_any_exception_that_ends_a_traceback(exception_line, expected):
-    stream = ConsoleFilter(io.StringIO(), io.StringIO())
-    stream.write(START.format("ingest-op") + _traceback("ValueError: the first, chained") +
-                 "    \n    During handling of the above exception, another exception occurred:\n    \n" +
-                 _traceback(exception_line) + END.format("ERROR", "ingest-op", 91, "FAILURE"))
-    assert stream.failure == ("ingest-op", expected)
+def test_the_console_shows_task_and_step_lines_and_the_log_keeps_everything():
+    console, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(log, console)
+    printed = (START.format("train-op") +
+               "    [KFP Executor 2026-11-27 16:04:34,700 INFO]: Looking for component `train_op` in ...\n"
+               "    [KFP Executor 2026-11-27 16:04:35,100 INFO]: resnet50 epoch 1/5  loss 0.6\n"
+               "    [KFP Executor 2026-11-27 16:04:35,200 WARNING]: no val split: carved from train\n"
+               '    {"executorInput": "one of ~430 lines"}\n'
+               "    Traceback (most recent call last):\n"
+               "    torch.OutOfMemoryError: CUDA out of memory\n" +
+               END.format("ERROR", "train-op", 91, "FAILURE"))
+    for piece in (printed[:50], printed[50:333], printed[333:]):  # written in pieces, as threads do
+        stream.write(piece)
+    assert log.getvalue() == printed
+    assert console.getvalue() == (
+        "16:04:34.611 - INFO - Executing task \x1b[96m'train-op'\x1b[0m\n"
+        "16:04:35 resnet50 epoch 1/5  loss 0.6\n"
+        "16:04:35 WARNING no val split: carved from train\n"
+        "16:04:36.619 - ERROR - Task \x1b[96m'train-op'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n")
 
 
 def test_a_failing_task_is_the_last_line(tmp_path):
@@ -73,6 +55,9 @@ def test_a_failing_task_is_the_last_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("pneumonia-kfp run-local: error: the local pipeline run failed: task ingest-op failed: "
                            "DataError: 1 of 29 files rejected: train/NORMAL/bad.jpeg: not an image")
+    assert last.endswith(f"(full log: {tmp_path / 'out' / 'run-local.log'})")
+    log = (tmp_path / "out" / "run-local.log").read_text()  # the full log keeps the task's traceback
+    assert "Traceback (most recent call last)" in log and "DataError: 1 of 29 files rejected" in log
     assert not (tmp_path / "out" / ".run-local").exists()
 
 
@@ -268,7 +253,7 @@ def test_more_than_32_backbones_need_force(tmp_path, capsys):
 
 
 def test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so(monkeypatch):
-    from pneumonia_kfp.pipelines import local
+    from pneumonia_kfp.pipelines import cpu_estimate
 
     per_image = {"a": 1.0, "b": 3.0, "c": 5.0, "d": 100.0, "e": 100.0}
     measured = []
@@ -278,12 +263,12 @@ def test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so(monkeypat
         measured.append(name)
         return per_image[name]
 
-    monkeypatch.setattr(local, "_step_seconds", step_seconds)
+    monkeypatch.setattr(cpu_estimate, "step_seconds", step_seconds)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ticks = iter([1000, 1040, 1060, 1100])  # the start, then after each measurement
     said = []
     params = {"backbones": list(per_image), "epochs": 2, "batch_size": 8, "image_size": 32}
-    total = local.cpu_estimate(params, 10, say=said.append, budget_s=60, clock=lambda: next(ticks))
+    total = cpu_estimate.cpu_estimate(params, 10, say=said.append, budget_s=60, clock=lambda: next(ticks))
     assert measured == ["a", "b", "c"]  # 60 s used after b: c still measured; 100 s after c: d and e are not built
     assert total == (1 + 3 + 5 + 2 * 3) * 10 * 2  # the rest at the average of the measured
     assert said == ["No GPU: measuring a training step of each backbone on this CPU (at most 60 s):\n",
@@ -292,7 +277,7 @@ def test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so(monkeypat
                     "average of the 3 measured)\n"]
     ticks = iter([1000, 1010, 1020, 1030, 1040, 1050])
     measured.clear()
-    assert local.cpu_estimate({**params, "epochs": 1}, 3, say=said.append, budget_s=60,
+    assert cpu_estimate.cpu_estimate({**params, "epochs": 1}, 3, say=said.append, budget_s=60,
                               clock=lambda: next(ticks)) == (1 + 3 + 5 + 100 + 100) * 3
     assert measured == ["a", "b", "c", "d", "e"]  # within the budget: every one measured
 
