@@ -4,6 +4,10 @@ A component's body runs inside that image and imports the installed ``pneumonia_
 function's source travels in the compiled YAML. So the image must hold the library of the same checkout:
 its default tag is this package's version plus the hash of requirements.lock (the exact versions the
 image installs), and compile/submit warn when the configured image carries another tag.
+
+Every component runs its body inside ``pneumonia_kfp.task_errors.recording_errors("<its task name>")``, so
+that run-local reports a failed task from the task's own error record (a decorator would not do: kfp
+compiles only the function's source, without its decorators). tests/test_task_errors.py checks each one.
 """
 import functools
 
