@@ -105,6 +105,38 @@ def read_checkpoint_meta(doc: Any, where: str, fields: tuple[str, ...] | None = 
     return _read(CheckpointMeta, CHECKPOINT, CHECKPOINT_FORMAT, doc, where, fields)
 
 
+# --- the exported model's metadata: metadata.json, and inside model.pt2 and model.onnx ------------------
+
+MODEL_INFO_FORMAT = 1
+MODEL_INFO = "model metadata"
+
+
+class ModelInfo(TypedDict):
+    """What a consumer of the serving forms needs, made by export from the checkpoint's metadata."""
+    format: int
+    formats: dict[str, str]  # serving form -> file name
+    backbone: str
+    classes: list[str]
+    positive_class: str
+    threshold: float
+    threshold_rule: str
+    thresholds: dict[str, float]
+    image_size: int
+    input: str
+    output: str
+    best_epoch: int
+    tta_used_in_evaluation: bool  # the thresholds were chosen on TTA predictions; the serving forms have none
+    triton: dict[str, str]  # the Triton repository folder and model name
+
+
+def model_info(**fields: Any) -> ModelInfo:
+    return _written(ModelInfo, MODEL_INFO, MODEL_INFO_FORMAT, fields)
+
+
+def read_model_info(doc: Any, where: str) -> ModelInfo:
+    return _read(ModelInfo, MODEL_INFO, MODEL_INFO_FORMAT, doc, where)
+
+
 # --- the result document: one model's results (evaluate writes it; the ensemble is one too) ---------------
 
 RESULT_FORMAT = 1
