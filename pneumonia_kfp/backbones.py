@@ -220,30 +220,35 @@ def grayscale_normalization(model) -> tuple[float, float]:
 
 
 def save_checkpoint(path, model, **meta) -> None:
+    """checkpoint.pt: the weights and ``meta`` (train's is a documents.CheckpointMeta), stamped with the format."""
     import torch
 
+    from pneumonia_kfp.documents import CHECKPOINT_FORMAT
     from pneumonia_kfp.outputs import replacing
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with replacing(path) as tmp:  # whole or not at all
-        torch.save({"state_dict": state, **meta}, tmp)
+        torch.save({"state_dict": state, **meta, "format": CHECKPOINT_FORMAT}, tmp)
 
 
 class ModelFileError(UsageError):
     """A model file that cannot be used: missing, damaged, of another kind, or not this project's."""
 
 
-CHECKPOINT_KEYS = ("state_dict", "backbone", "classes")  # what loading the model needs
+CHECKPOINT_KEYS = ("state_dict", "backbone", "classes")  # what makes a file a checkpoint and loads the model
 SERVING_FORMATS = {".onnx": "an ONNX model", ".pt2": "a torch.export program"}
 WHERE_MODELS_ARE = "a model directory (OUT/models/<backbone> of run-local, or the train step's model artifact)"
 
 
-def read_checkpoint(path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
-    """The checkpoint dict train wrote to ``path``, its keys checked; a ModelFileError (one line naming
-    the file and what is wrong) for anything else. Only tensors and plain data are unpickled."""
+def read_checkpoint(path, required: tuple[str, ...] = ()) -> dict:
+    """The checkpoint dict train wrote to ``path``, its format and the metadata fields the caller reads
+    (``required``, of documents.CheckpointMeta) checked; one line naming the file and what is wrong
+    (ModelFileError, DocumentError) for anything else. Only tensors and plain data are unpickled."""
     import pickle
 
     import torch
+
+    from pneumonia_kfp.documents import read_checkpoint_meta
 
     path = Path(path)
     if path.suffix in SERVING_FORMATS:
@@ -267,12 +272,12 @@ def read_checkpoint(path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
         raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict):
         raise ModelFileError(f"{path} holds a {type(ckpt).__name__}, not a pneumonia-kfp checkpoint (a dict with "
-                             f"{', '.join(required)}): pass the checkpoint.pt train wrote")
-    missing = [k for k in required if k not in ckpt]
+                             f"{', '.join(CHECKPOINT_KEYS)}): pass the checkpoint.pt train wrote")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise ModelFileError(f"{path} is a torch file but not a pneumonia-kfp checkpoint: it lacks "
                              f"{', '.join(missing)}. Pass the checkpoint.pt train wrote")
-    return ckpt
+    return read_checkpoint_meta(ckpt, str(path), tuple(dict.fromkeys(CHECKPOINT_KEYS[1:] + tuple(required))))
 
 
 def _first_line(e: BaseException) -> str:
@@ -299,10 +304,10 @@ def _state_dict_problem(e: BaseException) -> str:
     return detail[:140] or type(e).__name__
 
 
-def load_checkpoint(path, device="cpu", required: tuple[str, ...] = CHECKPOINT_KEYS):
-    """(model, metadata) from a checkpoint written by train; a ModelFileError names what is wrong
-    (``required``: the keys the caller reads, besides the model's)."""
-    ckpt = read_checkpoint(path, tuple(dict.fromkeys(CHECKPOINT_KEYS + tuple(required))))
+def load_checkpoint(path, device="cpu", required: tuple[str, ...] = ()):
+    """(model, metadata) from a checkpoint written by train; one line names what is wrong
+    (``required``: the metadata fields the caller reads, besides the model's)."""
+    ckpt = read_checkpoint(path, required)
     try:
         model = create_backbone(ckpt["backbone"], num_classes=len(ckpt["classes"]))
     except BackboneError as e:

@@ -26,6 +26,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from pneumonia_kfp.documents import ModelInfo, model_info, read_model_info
 from pneumonia_kfp.outputs import document, replacing, write_file
 
 CHECKPOINT, PT2, ONNX, METADATA = "checkpoint.pt", "model.pt2", "model.onnx", "metadata.json"
@@ -58,23 +59,27 @@ def _deployable(model, mean: float, std: float):
     return Deployable().eval()
 
 
-def export_model(directory: str | Path) -> dict:
+# what export reads from the checkpoint's metadata (documents.CheckpointMeta), besides backbone and classes
+EXPORT_FIELDS = ("image_size", "mean", "std", "threshold", "threshold_rule", "thresholds", "best_epoch", "tta")
+
+
+def export_model(directory: str | Path) -> ModelInfo:
     """Write model.pt2, model.onnx and metadata.json beside ``directory``'s checkpoint; returns the metadata."""
     import torch
 
     from pneumonia_kfp.backbones import load_checkpoint
 
     directory = Path(directory)
-    model, meta = load_checkpoint(directory / CHECKPOINT, "cpu")
+    model, meta = load_checkpoint(directory / CHECKPOINT, "cpu", required=EXPORT_FIELDS)
     size = int(meta["image_size"])
-    info = {
-        "formats": FORMATS, "backbone": meta["backbone"], "classes": list(meta["classes"]),
-        "positive_class": meta["classes"][1], "threshold": float(meta["threshold"]),
-        "threshold_rule": meta.get("threshold_rule"), "thresholds": meta.get("thresholds"), "image_size": size,
-        "input": f"uint8 N×1×{size}×{size}", "output": f"P({meta['classes'][1]}), N",
-        "best_epoch": int(meta["best_epoch"]), "tta_used_in_evaluation": bool(meta.get("tta", False)),
-        "triton": {"repository": TRITON, "model": triton_name(meta["backbone"])},
-    }
+    info = model_info(
+        formats=FORMATS, backbone=meta["backbone"], classes=list(meta["classes"]),
+        positive_class=meta["classes"][1], threshold=float(meta["threshold"]),
+        threshold_rule=meta["threshold_rule"], thresholds=meta["thresholds"], image_size=size,
+        input=f"uint8 N×1×{size}×{size}", output=f"P({meta['classes'][1]}), N",
+        best_epoch=int(meta["best_epoch"]), tta_used_in_evaluation=bool(meta["tta"]),
+        triton={"repository": TRITON, "model": triton_name(meta["backbone"])},
+    )
     module = _deployable(model, meta["mean"], meta["std"])
     generator = torch.Generator().manual_seed(0)
     example = (torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8, generator=generator),)
@@ -192,7 +197,7 @@ def load_pt2(path: str | Path):
 
     extra = {METADATA: ""}
     program = torch.export.load(str(path), extra_files=extra)
-    return program.module(), json.loads(extra[METADATA])
+    return program.module(), read_model_info(json.loads(extra[METADATA]), f"{path} ({METADATA})")
 
 
 def load_onnx(path: str | Path):
@@ -200,4 +205,5 @@ def load_onnx(path: str | Path):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session, json.loads(session.get_modelmeta().custom_metadata_map[METADATA])
+    info = json.loads(session.get_modelmeta().custom_metadata_map[METADATA])
+    return session, read_model_info(info, f"{path} ({METADATA})")

@@ -84,7 +84,7 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(folder / CHECKPOINT, create_backbone("resnet18"), backbone="resnet18",
                     classes=["NORMAL", "PNEUMONIA"], image_size=SIZE, mean=0.45, std=0.226, threshold=0.4,
-                    best_epoch=1)
+                    threshold_rule="youden", thresholds={"youden": 0.4, "balanced": 0.5}, tta=False, best_epoch=1)
     info = export_model(folder)
     return folder, info
 

@@ -4,13 +4,17 @@ import json
 
 import pytest
 
+from pneumonia_kfp.documents import RESULT_FORMAT, ModelResult, fields_of
 from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.runs import load_results, new_run, save_result
 from pneumonia_kfp.storage import CREATE_BUCKET_ENV, StorageError, minio_client_from_env, open_store
 
 
 def result(backbone: str) -> dict:
-    return {"backbone": backbone, "test": {"auc": 0.9}, "predictions": [[0, 0.2]]}  # any plain JSON dict
+    """A result document: its format and every field evaluate writes (the values play no part here)."""
+    fields = {f: {} for f in fields_of(ModelResult)}
+    return {**fields, "format": RESULT_FORMAT, "backbone": backbone, "test": {"auc": 0.9},
+            "predictions": {"test": {"prob": [0.2]}}}
 
 
 @pytest.mark.parametrize("scheme", ["file", "s3"])
