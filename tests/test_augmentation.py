@@ -1,7 +1,11 @@
+import dataclasses
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from pneumonia_kfp.augmentation import (
     DEFAULT_POLICY,
@@ -9,8 +13,10 @@ from pneumonia_kfp.augmentation import (
     SEED_POLICY,
     TTA_VIEWS,
     Policy,
+    apply,
     augment,
     blur3,
+    draw,
     normalize,
     photometric,
     tta_view,
@@ -134,3 +140,103 @@ def test_tta_views_are_the_image_and_mild_shifts():
     ramp = (torch.arange(32).float() * 8).repeat(32, 1)[None, None].to(torch.uint8)
     shifted = tta_view(ramp, (1.0, 0.08, 0.0))
     assert torch.allclose(shifted[0, 0, 5, 10] * 255, ramp[0, 0, 5, 10].float() + 8 * 1.28, atol=0.5)
+
+
+# --- The fused, sliced path is the recipe it replaced: checked against independent per-image code ---
+
+
+def _xray_like(n=4, size=40, seed=11):
+    """Ramps of random contrast plus noise: structure for the warp, an edge for blur/sharpen."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 255, size).repeat(size, 1)
+    noise = torch.rand(n, 1, size, size, generator=g) * 30
+    return (ramp[None, None] * torch.rand(n, 1, 1, 1, generator=g) + noise).clamp(0, 255).to(torch.uint8)
+
+
+def _torchvision_warp(image, angle, zoom, tx, ty):
+    """torchvision's affine for one image: ``warp`` samples the input at R(angle) p / zoom + t (unit
+    coordinates, y down); so the content turns by -angle, grows by zoom and moves by -zoom R(-angle) t,
+    in pixels: torchvision's affine with those numbers."""
+    size = image.shape[-1]
+    c, s = math.cos(angle), math.sin(angle)
+    shift = [-zoom * (c * tx + s * ty) * size / 2, -zoom * (c * ty - s * tx) * size / 2]
+    return TF.affine(image.float() / 255, angle=-math.degrees(angle), translate=shift, scale=zoom, shear=[0.0, 0.0],
+                     interpolation=TF.InterpolationMode.BILINEAR)
+
+
+def _numpy_photometric(x, sharpen, contrast, brightness, gamma):
+    """The photometric steps written out for one image in numpy, in the recipe's order."""
+    padded = np.pad(x, 1, mode="edge")
+    kernel = np.outer([1, 2, 1], [1, 2, 1]) / 16
+    h, w = x.shape
+    blurred = sum(kernel[i, j] * padded[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    y = x + sharpen * (x - blurred)
+    y = (y - y.mean()) * contrast + y.mean() + brightness
+    return np.clip(y, 0, 1) ** gamma
+
+
+def test_the_geometric_warp_is_torchvisions_affine_per_image():
+    images = _xray_like()
+    p = draw(GEOMETRIC_ONLY, len(images), images, torch.Generator().manual_seed(12))
+    out = apply(images, p)
+    for i in range(len(images)):
+        expected = _torchvision_warp(images[i], *(float(v[i]) for v in (p.angle, p.zoom, p.tx, p.ty)))
+        assert torch.allclose(out[i], expected, atol=1e-5)
+
+
+def test_the_default_recipe_is_torchvisions_warp_then_the_photometric_steps_per_image():
+    images = _xray_like(6)
+    p = draw(DEFAULT_POLICY, len(images), images, torch.Generator().manual_seed(13))
+    out = apply(images, p)
+    assert p.sharpen.min() < 0 < p.sharpen.max()  # both a blur and a sharpen among the six
+    for i in range(len(images)):
+        warped = _torchvision_warp(images[i], *(float(v[i]) for v in (p.angle, p.zoom, p.tx, p.ty)))
+        expected = _numpy_photometric(warped[0].double().numpy(), *(float(v[i]) for v in (
+            p.sharpen, p.contrast, p.brightness, p.gamma)))
+        assert np.allclose(out[i, 0].numpy(), expected, atol=2e-5)
+
+
+def test_the_parameters_keep_the_policys_distributions():
+    n = 4000
+    p = draw(SEED_POLICY, n, torch.empty(0), torch.Generator().manual_seed(14))
+    assert abs(float(p.equalize.float().mean()) - 0.5) < 0.03
+    degrees = p.angle * 180 / math.pi
+    assert -25 <= degrees.min() < -24 and 19 < degrees.max() <= 20
+    # the seed's crop: a zoom in [1, 1.25) whose window stays inside the image
+    assert 1 <= p.zoom.min() and p.zoom.max() < 1.25 and ((p.tx.abs() <= 1 - 1 / p.zoom + 1e-6).all())
+    d = draw(DEFAULT_POLICY, n, torch.empty(0), torch.Generator().manual_seed(15))
+    for values, (lo, hi) in ((d.sharpen, DEFAULT_POLICY.sharpen), (d.contrast, DEFAULT_POLICY.contrast),
+                             (d.brightness, (-DEFAULT_POLICY.brightness, DEFAULT_POLICY.brightness))):
+        assert lo <= values.min() < lo + 0.02 * (hi - lo) and hi - 0.02 * (hi - lo) < values.max() <= hi
+        assert abs(float(values.mean()) - (lo + hi) / 2) < 0.03 * (hi - lo)  # uniform
+    log_gamma = d.gamma.log()
+    lo, hi = math.log(DEFAULT_POLICY.gamma[0]), math.log(DEFAULT_POLICY.gamma[1])
+    assert abs(float(log_gamma.mean()) - (lo + hi) / 2) < 0.03 * (hi - lo)  # log-uniform
+    assert d.equalize is None and draw(GEOMETRIC_ONLY, 3, torch.empty(0)).gamma is None  # off is off
+
+
+def test_cpu_slices_give_the_whole_batchs_result(monkeypatch):
+    from pneumonia_kfp import augmentation
+
+    images = _xray_like(7, 24)
+    for policy in (DEFAULT_POLICY, SEED_POLICY):
+        whole = augment(images, torch.Generator().manual_seed(16), policy)
+        monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 2 * 24 * 24)  # slices of 2, 2, 2 and 1 images
+        sliced = augment(images, torch.Generator().manual_seed(16), policy)
+        monkeypatch.undo()
+        assert torch.allclose(whole, sliced, atol=1e-6)
+
+
+ONE_AT_A_TIME = {"rotation": (-10.0, 10.0), "scale": (0.85, 1.15), "translate": 0.08, "equalize_p": 1.0,
+                 "brightness": 0.1, "contrast": (0.75, 1.33), "gamma": (0.7, 1.4), "sharpen": (-1.0, 1.0)}
+
+
+@pytest.mark.parametrize("field", sorted(ONE_AT_A_TIME))
+def test_each_augmentation_changes_images_when_on_and_nothing_when_off(field):
+    images = _xray_like(16, 32)
+    alone = dataclasses.replace(NEUTRAL, **{field: ONE_AT_A_TIME[field]})
+    out = augment(images, torch.Generator().manual_seed(17), alone)
+    change = (out - images.float() / 255).abs().flatten(1).mean(1)
+    assert (change > 1e-3).float().mean() >= 0.75, field  # nearly every sample visibly changed
+    assert torch.allclose(augment(images, torch.Generator().manual_seed(17), NEUTRAL), images.float() / 255,
+                          atol=1e-5)
