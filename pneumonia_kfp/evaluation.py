@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia_kfp.errors import DataError
+from pneumonia_kfp.image_reader import read_labelled_folder as load_folder  # read as ingest reads
 from pneumonia_kfp.inference import predict, predictions_block
-from pneumonia_kfp.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
@@ -195,54 +195,6 @@ def warn_one_class(data: str, labels, classes: list[str]) -> None:
         figures = ", ".join(names[k] for k in names if k in undefined(labels))
         log.warning("%s holds no %s images: %s need both classes and are undefined (null in results.json); "
                     "the other figures are shown", data, " or ".join(missing), figures)
-
-
-REJECTED_REMEDY = "Fix or remove them: every file of the folder is scored."
-
-
-def load_folder(data: str, image_size: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """An ImageFolder to score: its ``test/`` split when it has one, else its class folders.
-
-    Read as ingest reads a dataset: the same scan (one stat per file, nothing outside the data root
-    followed) and the same reader (each file opened once, never blocking, decoded fully and resized), so
-    whatever ingest refuses is refused here; every file must be accepted (a one-line error names the
-    rejected ones). Returns uint8 N×1×S×S images, labels (indices into ``classes``) and entries.
-    """
-    from pneumonia_kfp import validation
-    from pneumonia_kfp.data import patient_id, scan_class_folders
-    from pneumonia_kfp.ingest import LocalSource, S3Source, Settings, open_source, read_files
-    from pneumonia_kfp.params import default, max_pixels
-
-    with scratch_dir("external-") as tmp:
-        source = open_source(data, Path(tmp) / "source")
-        if isinstance(source, S3Source):  # an s3:// prefix: its objects into tmp, then read as a folder
-            keys = [k for k in source.etags if 2 <= k.count("/") + 1 <= 3]  # <class>/<name>, test/<class>/<name>
-            if not keys:
-                raise DataError(f"{data} holds no files in <class>/ or test/<class>/ folders")
-            if any(k.startswith("test/") for k in keys):
-                keys = [k for k in keys if k.startswith("test/")]
-            for key in keys:
-                source.store.get_file(key, source.workdir / key)
-            source = LocalSource(source.workdir, data)
-        found, files = scan_class_folders(source.root)
-        base = f"{data}/test" if any(f.relpath.startswith("test/") for f in files) else data
-        unknown = sorted(set(found) - set(classes))
-        if not found or unknown:
-            raise DataError(f"{base} has class folders {found}: expected some of {classes} (the model's classes), "
-                            f"in {data}/test/<class>/ or {data}/<class>/")
-        for c in found:
-            if not any(f.label == c for f in files):  # as ingest: an empty class folder is a mistake
-                raise DataError(f"{base}/{c} holds no images: put the class's images in it or remove it")
-        settings = Settings(image_size, default("seed"), "fail", max_pixels())
-        results = read_files(source, files, Path(tmp), settings, workers=None)
-        rejected = [{"path": f.relpath, "reason": r.reason} for f, r in zip(files, results, strict=True) if r.reason]
-        if rejected:
-            raise validation.rejection_error(rejected, len(files), REJECTED_REMEDY)
-        rows = np.fromfile(Path(tmp) / "rows.u8", dtype=np.uint8, count=len(files) * image_size ** 2)
-    images = rows.reshape(len(files), 1, image_size, image_size)
-    entries = [{"path": f.relpath, "patient": patient_id(f.name), "class": f.label} for f in files]
-    labels = np.array([classes.index(f.label) for f in files], dtype=np.int64)
-    return images, labels, entries
 
 
 def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:

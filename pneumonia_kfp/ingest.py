@@ -12,11 +12,10 @@
                                               stat (or ETag) of each object whose sha256 was verified
 
 <sha> hashes every file's content and place plus the ingest settings, so unchanged data maps to
-the same version. Each file is read once, in worker processes: hashed, decoded and packed from the
-same bytes. Re-ingesting unchanged data reads no file, the way git's index works: a file whose
-size, times and inode are those recorded keeps its recorded sha256 (its content decides whenever
-they change; an s3:// source is judged by ETag), and the version's objects are checked the same
-way against the store's own stat or ETag. A version with a damaged or missing object is repaired by
+the same version. The source is listed by ``sources``, each file is read once by ``image_reader``
+(hashed, decoded and packed from the same bytes), and re-ingesting unchanged data reads no file
+(``source_index``, git's index for ingest). The manifest's fields are ``manifest.Manifest``.
+A version with a damaged or missing object is repaired by
 ingesting it again: its objects are written anew; if that makes the published manifest's objects
 whole again (a tensor or the report, the same bytes), that manifest stands, else (a pack, the
 manifest itself) this ingest's complete manifest replaces it.
@@ -35,65 +34,37 @@ import io
 import json
 import logging
 import os
-import secrets
-import stat
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pneumonia_kfp import manifest as manifests
 from pneumonia_kfp import validation
-from pneumonia_kfp.data import (
-    DataError,
-    ImageFile,
-    IntegrityError,
-    canonical_json,
-    file_signature,
-    grouped_holdout,
-    image_folder_from_keys,
-    manifest_checksum,
-    patient_id,
-    read_manifest,
-    scan_image_folder,
-    sha256_of_chunks,
-)
+from pneumonia_kfp.data import grouped_holdout, patient_id
+from pneumonia_kfp.documents import DocumentError
+from pneumonia_kfp.image_reader import FileResult, read_files
+from pneumonia_kfp.manifest import Manifest, canonical_json, sha256_of_chunks
 from pneumonia_kfp.params import check_run_params, default, max_pixels
-from pneumonia_kfp.procs import die_with_parent, usable_cores
 from pneumonia_kfp.scratch import scratch_dir
+from pneumonia_kfp.source_index import Index
+from pneumonia_kfp.sources import ImageFile, LocalSource, S3Source, open_source
 from pneumonia_kfp.storage import Store, open_store
-from pneumonia_kfp.telemetry import IngestTelemetry, progress
+from pneumonia_kfp.telemetry import IngestTelemetry
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2
 TEST_FRACTION = 0.1
-# a file changed this close before the scan may change again within the same clock tick, unseen by
-# its stat: its hash is not cached (git's "racy" entries)
-RACY_NS = 100_000_000
-MIN_FILES_FOR_PROCESSES = 256  # below this, starting worker processes costs more than it saves
 
 
 @dataclass(frozen=True)
-class Settings:
+class VersionSettings:
     """What shapes a version besides the files."""
 
     image_size: int
     seed: int
     on_invalid: str
     max_pixels: int
-
-
-@dataclass(frozen=True, slots=True)
-class FileResult:
-    """One file, read once."""
-
-    sha: str | None  # None: it could not be read
-    reason: str | None = None  # why it is rejected; None: kept, its row written and its bytes packed
-    size: int = 0
-    signature: tuple | None = None  # its stat, when nothing changed while it was read
-    pack: str | None = None  # the pack holding its bytes, and where
-    offset: int | None = None
 
 
 def ingest(data: str, storage: str, image_size: int = default("image_size"), seed: int = default("seed"),
@@ -106,7 +77,7 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
     """
     check_run_params({"data": data, "storage": storage, "image_size": image_size, "seed": seed,
                       "on_invalid": on_invalid})
-    settings = Settings(image_size, seed, on_invalid, max_pixels())
+    settings = VersionSettings(image_size, seed, on_invalid, max_pixels())
     telemetry = IngestTelemetry()  # Prometheus pushgateway, when configured
     root = open_store(storage)
     with scratch_dir("ingest-") as tmp:
@@ -120,7 +91,8 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
             checked = version_sha(classes, files, shas, settings, source.synthetic)
             found = find_version(root, checked, index)
         if found is None:
-            results = read_files(source, files, Path(tmp), settings, workers)
+            source.fetch([f for f in files if not f.problem], "ingest: download")
+            results = read_files(files, Path(tmp), image_size, settings.max_pixels, workers, "ingest: read")
             index.record(files, results, source, scan_start)
             sha = version_sha(classes, files, [r.sha or f"!{r.reason}" for r in results], settings, source.synthetic)
             found = find_version(root, sha, index) if sha != checked else None
@@ -138,19 +110,19 @@ def ingest(data: str, storage: str, image_size: int = default("image_size"), see
     return summary(root.uri_of(f"datasets/{sha}"), sha, manifest, uploaded)
 
 
-def version_sha(classes: list[str], files: list[ImageFile], shas: list[str], settings: Settings,
+def version_sha(classes: list[str], files: list[ImageFile], shas: list[str], settings: VersionSettings,
                 synthetic: bool) -> str:
     """The version is a function of the inputs: the files and the settings that shape the output
     (a carved test split depends on seed and fraction), so no work is needed to find it."""
     identity = {
-        "format": FORMAT_VERSION, "classes": classes, "image_size": settings.image_size, "seed": settings.seed,
+        "format": manifests.FORMAT, "classes": classes, "image_size": settings.image_size, "seed": settings.seed,
         "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE, "max_pixels": settings.max_pixels,
         "synthetic": synthetic, "files": [[f.relpath, h] for f, h in zip(files, shas, strict=True)],
     }
     return sha256_of_chunks(canonical_json(identity))[:16]
 
 
-def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] | None:
+def find_version(root: Store, sha: str, index: Index) -> tuple[str, Manifest, int] | None:
     """(sha, manifest, 0) of a complete, intact version; None when it must be (re)written."""
     version = root.child(f"datasets/{sha}")
     current = root.signatures(f"datasets/{sha}")
@@ -158,8 +130,8 @@ def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] |
     if manifest_key not in current:
         return None
     try:  # a manifest whose stat is the one recorded when it was verified is not checksummed again
-        manifest = read_manifest(version, verify=index.objects.get(manifest_key) != current[manifest_key])
-    except IntegrityError as e:
+        manifest = manifests.load(version, verify=index.objects.get(manifest_key) != current[manifest_key])
+    except (manifests.IntegrityError, DocumentError) as e:
         log.warning("%s: writing the version anew", e)
         return None
     index.verified(manifest_key, current[manifest_key])
@@ -172,7 +144,8 @@ def find_version(root: Store, sha: str, index: Index) -> tuple[str, dict, int] |
     return sha, manifest, 0
 
 
-def publish(root: Store, sha: str, manifest: dict, writer: VersionWriter, index: Index) -> tuple[str, dict, int]:
+def publish(root: Store, sha: str, manifest: Manifest, writer: VersionWriter,
+            index: Index) -> tuple[str, Manifest, int]:
     """Publish ``manifest``, whose objects are all written, unless another writer published this version
     first: then its manifest stands when it is intact (this writer's own packs, which it references not,
     are removed), and is replaced by this complete one when it is damaged."""
@@ -193,261 +166,6 @@ def publish(root: Store, sha: str, manifest: dict, writer: VersionWriter, index:
     return sha, manifest, writer.uploaded + 1
 
 
-# --- the source ------------------------------------------------------------------------------------
-
-class LocalSource:
-    """An ImageFolder on local disk."""
-
-    def __init__(self, root: Path, data: str):
-        self.root, self.data = root, data
-        self.uri = os.path.realpath(root)
-        self.synthetic = (root / _marker()).is_file()
-
-    def scan(self) -> tuple[list[str], list[ImageFile]]:
-        return scan_image_folder(self.root)
-
-    def signature(self, f: ImageFile, result: FileResult | None = None) -> tuple | None:
-        return result.signature if result is not None else f.stat
-
-    def fetch(self, files: list[ImageFile]) -> None:
-        pass  # already here
-
-
-class S3Source:
-    """An ImageFolder under an s3:// prefix: listed with ETags; downloaded only when files must be read."""
-
-    def __init__(self, data: str, workdir: Path):
-        self.data, self.uri, self.workdir = data, data.rstrip("/"), workdir
-        self.store = open_store(data)
-        self.etags = self.store.signatures()
-        self.synthetic = _marker() in self.etags
-
-    def scan(self) -> tuple[list[str], list[ImageFile]]:
-        if not self.etags:
-            raise DataError(f"{self.data} holds no files")
-        return image_folder_from_keys(sorted(self.etags), self.uri, self.workdir)
-
-    def signature(self, f: ImageFile, result: FileResult | None = None) -> tuple | None:
-        sig = self.etags.get(f.relpath)
-        return tuple(sig) if sig else None
-
-    def fetch(self, files: list[ImageFile]) -> None:
-        with ThreadPoolExecutor(16) as pool:  # network-bound: threads overlap the requests
-            list(progress(pool.map(lambda f: self.store.get_file(f.relpath, f.path), files), len(files),
-                          "ingest: download", "file"))
-
-
-def open_source(data: str, workdir: Path) -> LocalSource | S3Source:
-    if data.startswith("s3://"):
-        return S3Source(data, workdir)
-    if "://" in data and not data.startswith("file://"):
-        raise DataError(f"data source {data!r}: use a local directory, file:///dir or s3://bucket/prefix")
-    return LocalSource(Path(data.removeprefix("file://")).expanduser(), data)
-
-
-def _marker() -> str:
-    from pneumonia_kfp.synthetic import MARKER
-
-    return MARKER
-
-
-# --- the index: re-ingest by stat --------------------------------------------------------------------
-
-@dataclass
-class Index:
-    """git's index for ingest, kept in the store: per source, {relpath: [*stat, sha256]} of its files;
-    for the whole store, {key: stat or ETag} of the objects whose sha256 was last verified. Only a
-    cache: whatever does not match is read and hashed again."""
-
-    store: Store
-    key: str
-    files: dict = field(default_factory=dict)
-    objects: dict = field(default_factory=dict)
-    dirty: set = field(default_factory=set)
-
-    OBJECTS = "ingest-index/objects.json"
-
-    @classmethod
-    def load(cls, root: Store, source_uri: str) -> Index:
-        index = cls(root, f"ingest-index/{hashlib.sha256(source_uri.encode()).hexdigest()[:16]}.json")
-        index.files, index.objects = index._read(index.key), index._read(cls.OBJECTS)
-        return index
-
-    def _read(self, key: str) -> dict:
-        try:
-            if self.store.exists(key):
-                saved = json.loads(self.store.get_bytes(key))
-                if saved.get("format") == FORMAT_VERSION:
-                    return saved["entries"]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("ingest index %s is unreadable: starting it again", self.store.uri_of(key))
-        return {}
-
-    def known(self, files: list[ImageFile], source) -> list[str | None]:
-        """Each file's sha256 from the cache (a name that cannot be read: its reason); None: read it."""
-        out = []
-        for f in files:
-            if f.problem:
-                out.append(f"!{f.problem}")
-                continue
-            sig, cached = source.signature(f), self.files.get(f.relpath)
-            out.append(cached[-1] if sig is not None and cached and list(sig) == cached[:-1] else None)
-        return out
-
-    def record(self, files: list[ImageFile], results: list[FileResult], source, scan_start: int) -> None:
-        for f, r in zip(files, results, strict=True):
-            sig = source.signature(f, r)
-            racy = isinstance(source, LocalSource) and sig is not None and max(sig[1], sig[2]) > scan_start - RACY_NS
-            if r.sha and sig is not None and not racy:
-                self.files[f.relpath] = [*sig, r.sha]
-            else:
-                self.files.pop(f.relpath, None)
-        self.dirty.add(self.key)
-
-    def damaged(self, root: Store, sha: str, manifest: dict, current: dict) -> list[str]:
-        """Keys of the version's objects that are missing or whose bytes are not the manifest's sha256;
-        an object whose stat (or ETag) is the one recorded when it was last verified is not read."""
-        bad = []
-        for name, want in manifest["objects"].items():
-            key = f"datasets/{sha}/{name}"
-            sig = current.get(key)
-            if sig is None:
-                bad.append(key)
-            elif self.objects.get(key) != list(sig):
-                if root.sha256(key) == want:
-                    self.verified(key, sig)
-                else:
-                    bad.append(key)
-        return bad
-
-    def verified(self, key: str, signature) -> None:
-        """Record that the object ``key``, as its ``signature`` shows it now, has been checked."""
-        if self.objects.get(key) != list(signature):
-            self.objects[key] = list(signature)
-            self.dirty.add(self.OBJECTS)
-
-    def verified_now(self, root: Store, sha: str, manifest: dict) -> None:
-        """Record the signatures of a version's objects, just written and hashed as they were."""
-        current = root.signatures(f"datasets/{sha}")
-        for name in [*manifest["objects"], "manifest.json"]:
-            key = f"datasets/{sha}/{name}"
-            if key in current:
-                self.verified(key, current[key])
-
-    def save(self) -> None:
-        for key in sorted(self.dirty):
-            entries = self.objects if key == self.OBJECTS else self.files
-            self.store.put_chunks(key, canonical_json({"format": FORMAT_VERSION, "entries": entries}))
-        self.dirty.clear()
-
-
-# --- reading the files: one read each, in worker processes -------------------------------------------
-
-@dataclass(frozen=True)
-class _Job:
-    """What every reader needs, sent to each worker once."""
-
-    tmp: str  # holds rows.u8 (preallocated: file i at row i) and packs/, one pack of raw bytes per reader
-    image_size: int
-    max_pixels: int
-    parent_pid: int
-
-
-class _Reader:
-    """Reads files for one process: each file's bytes are hashed, decoded into its row and appended to
-    this reader's pack, all from the one read."""
-
-    def __init__(self, job: _Job):
-        self.job, self.row_bytes = job, job.image_size * job.image_size
-        self.rows = os.open(os.path.join(job.tmp, "rows.u8"), os.O_WRONLY | os.O_CLOEXEC)
-        self.pack_name = f"{secrets.token_hex(16)}.pack"  # 128 random bits: no other writer uses it
-        self.pack = open(os.path.join(job.tmp, "packs", self.pack_name), "ab")
-
-    def read(self, i: int, path: str) -> FileResult:
-        try:
-            # O_NONBLOCK: a name swapped for a FIFO since the scan must not block the open
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            return FileResult(None, f"cannot be read: {e.strerror}")
-        with open(fd, "rb") as f:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):
-                return FileResult(None, "not a regular file")
-            data = f.read()
-            after = os.fstat(fd)
-        unchanged = file_signature(before) == file_signature(after) and len(data) == after.st_size
-        sha = hashlib.sha256(data).hexdigest()
-        image, reason = validation.check_image(data, self.job.image_size, self.job.max_pixels)
-        pack = offset = None
-        if image is not None:
-            os.pwrite(self.rows, np.ascontiguousarray(image).tobytes(), i * self.row_bytes)
-            pack, offset = self.pack_name, self.pack.tell()
-            self.pack.write(data)
-        return FileResult(sha, reason, len(data), file_signature(after) if unchanged else None, pack, offset)
-
-    def read_chunk(self, chunk: list[tuple[int, str]]) -> list[tuple[int, FileResult]]:
-        results = [(i, self.read(i, path)) for i, path in chunk]
-        self.pack.flush()  # complete on disk before the parent gets the results
-        return results
-
-    def close(self) -> None:
-        self.pack.close()
-        os.close(self.rows)
-
-
-_worker: _Reader | None = None
-
-
-def _start_worker(job: _Job) -> None:
-    global _worker
-    die_with_parent(job.parent_pid)  # a killed ingest leaves no worker behind
-    _worker = _Reader(job)
-
-
-def _worker_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, FileResult]]:
-    return _worker.read_chunk(chunk)
-
-
-def read_files(source, files: list[ImageFile], tmp: Path, settings: Settings,
-               workers: int | None) -> list[FileResult]:
-    """Every file read once (a file the scan found unreadable is not opened): its sha256, its
-    verdict, its decoded row in ``tmp/rows.u8`` and its bytes in a pack under ``tmp/packs``."""
-    todo = [(i, f.path) for i, f in enumerate(files) if not f.problem]
-    results = [FileResult(None, f.problem) if f.problem else None for f in files]
-    source.fetch([files[i] for i, _ in todo])
-    (tmp / "packs").mkdir()
-    with open(tmp / "rows.u8", "wb") as f:
-        f.truncate(len(files) * settings.image_size ** 2)  # sparse: rows are written as they are decoded
-    job = _Job(str(tmp), settings.image_size, settings.max_pixels, os.getpid())
-    workers = min(workers or usable_cores(), max(1, len(todo) // 8))
-    for i, r in progress(_read_all(todo, job, workers), len(todo), "ingest: read", "file"):
-        results[i] = r
-    return results
-
-
-def _read_all(todo: list[tuple[int, str]], job: _Job, workers: int):
-    if workers <= 1 or len(todo) < MIN_FILES_FOR_PROCESSES:
-        reader = _Reader(job)
-        try:
-            for k in range(0, len(todo), 128):
-                yield from reader.read_chunk(todo[k:k + 128])
-        finally:
-            reader.close()
-        return
-    import multiprocessing
-
-    size = max(8, min(128, len(todo) // (workers * 8)))
-    chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
-    # spawn: fresh interpreters, safe whatever threads this process runs (moto, minio, tqdm)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(job,))
-    try:
-        for future in as_completed([pool.submit(_worker_chunk, c) for c in chunks]):
-            yield from future.result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # a failure stops the rest instead of running it to the end
-
-
 # --- writing a version -------------------------------------------------------------------------------
 
 @dataclass
@@ -459,11 +177,11 @@ class VersionWriter:
     classes: list[str]
     files: list[ImageFile]
     results: list[FileResult]
-    settings: Settings
+    settings: VersionSettings
     tmp: Path  # rows.u8 and packs/ from read_files
     uploaded: int = 0
 
-    def write(self) -> dict:
+    def write(self) -> Manifest:
         """Write every object of the version; return its manifest, for ``publish``."""
         validation_sha, rejected = self.write_report()
         kept = [i for i, r in enumerate(self.results) if r.reason is None]
@@ -472,15 +190,15 @@ class VersionWriter:
         objects = {"validation.json": validation_sha, **self.write_packs(entries), **self.write_tensors(entries)}
         counts = {s: {c: sum(1 for e in entries if e["split"] == s and e["class"] == c) for c in self.classes}
                   for s in dict.fromkeys(e["split"] for e in entries)}
-        manifest = {
-            "format": FORMAT_VERSION, "source": self.source.data, "classes": self.classes,
+        manifest: Manifest = {
+            "format": manifests.FORMAT, "source": self.source.data, "classes": self.classes,
             "image_size": self.settings.image_size, "test_carved_from_train": carved, "counts": counts,
             "settings": {"seed": self.settings.seed, "test_fraction": TEST_FRACTION, "min_side": validation.MIN_SIDE,
                          "max_pixels": self.settings.max_pixels, "on_invalid": self.settings.on_invalid},
             "files": entries, "rejected": len(rejected), "objects": objects,
             "patients_in_train_and_test": validation.patients_in_both(entries), "synthetic": self.source.synthetic,
         }
-        manifest["checksum"] = manifest_checksum(manifest)
+        manifest["checksum"] = manifests.checksum(manifest)
         return manifest  # not yet published: publish() writes it, last
 
     def write_report(self) -> tuple[str, list[dict]]:
@@ -593,7 +311,7 @@ def assign_splits(files: list[ImageFile], classes: list[str], seed: int) -> tupl
     return splits, True
 
 
-def summary(uri: str, sha: str, manifest: dict, uploaded: int) -> dict:
+def summary(uri: str, sha: str, manifest: Manifest, uploaded: int) -> dict:
     return {
         "uri": uri, "sha": sha, "classes": manifest["classes"], "image_size": manifest["image_size"],
         "counts": manifest["counts"], "test_carved_from_train": manifest["test_carved_from_train"],

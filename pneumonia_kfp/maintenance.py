@@ -10,17 +10,18 @@ cannot be read (gc cannot know what it references).
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 
-from pneumonia_kfp.data import IntegrityError, manifest_checksum, repair_hint
+from pneumonia_kfp import manifest as manifests
+from pneumonia_kfp.documents import DocumentError
 from pneumonia_kfp.errors import PneumoniaKfpError
+from pneumonia_kfp.manifest import IntegrityError, Manifest, repair_hint
 from pneumonia_kfp.storage import StorageError, Store, open_store
 
 DATASETS = "datasets"
-MANIFEST = "manifest.json"
+MANIFEST = manifests.NAME
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -46,16 +47,12 @@ def _versions(keys) -> dict[str, list[str]]:
     return out
 
 
-def _manifest(store: Store, sha: str) -> dict:
-    """A version's manifest, checked against its own checksum; IntegrityError when it cannot be trusted."""
-    key = f"{DATASETS}/{sha}/{MANIFEST}"
-    try:
-        manifest = json.loads(store.get_bytes(key))
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("checksum") != manifest_checksum(manifest) or \
-            not isinstance(manifest.get("objects"), dict):
-        raise IntegrityError(f"{store.uri_of(key)} is damaged (its checksum does not match its content)")
+def _manifest(store: Store, sha: str) -> Manifest:
+    """A version's manifest, checked against its own checksum and its format; IntegrityError or
+    DocumentError (one line naming it) when it cannot be trusted."""
+    manifest = manifests.load(store, f"{DATASETS}/{sha}/{MANIFEST}")
+    if manifest is None:
+        raise IntegrityError(f"{store.uri_of(f'{DATASETS}/{sha}/{MANIFEST}')} is missing")
     return manifest
 
 
@@ -106,7 +103,7 @@ def _referenced(store: Store, sha: str, report: GcReport) -> set[str] | None:
         return set()  # unpublished: an ingest that failed, was killed, or (younger) is still writing
     try:
         return set(_manifest(store, sha)["objects"])
-    except (IntegrityError, StorageError) as e:
+    except (IntegrityError, DocumentError, StorageError) as e:
         report.skipped.append(f"{store.uri_of(f'{DATASETS}/{sha}')}: left alone, {e}")
         return None
 
@@ -142,9 +139,8 @@ def verify(storage: str, version: str | None = None) -> VerifyReport:
         uri = store.uri_of(f"{DATASETS}/{sha}")
         try:
             manifest = _manifest(store, sha)
-        except IntegrityError as e:
-            report.problems.append(f"{e}: repair it by ingesting the same data again with the same settings "
-                                   f"(pneumonia-kfp ingest --data SOURCE --storage {storage} ...)")
+        except (IntegrityError, DocumentError) as e:
+            report.problems.append(str(e))  # it says how to repair it
             continue
         hint = repair_hint(uri, manifest)
         for name, want in sorted(manifest["objects"].items()):
@@ -157,8 +153,8 @@ def verify(storage: str, version: str | None = None) -> VerifyReport:
             if got != want:
                 report.problems.append(f"{store.uri_of(key)} is damaged: its sha256 is {got[:16]}..., the manifest "
                                        f"says {want[:16]}.... {hint}")
-        packs = {e.get("pack") for e in manifest.get("files", [])} - set(manifest["objects"])
-        for pack in sorted(p for p in packs if p):
+        packs = {e["pack"] for e in manifest["files"]} - set(manifest["objects"])
+        for pack in sorted(packs):
             report.problems.append(f"{uri}/{MANIFEST} names the pack {pack}, which it gives no sha256: {hint}")
         unreferenced += sum(1 for k in keys if k.split("/", 2)[2] not in manifest["objects"]
                             and not k.endswith(f"/{MANIFEST}"))

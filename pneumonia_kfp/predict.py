@@ -2,11 +2,12 @@
 validation-chosen threshold (or another rule's, chosen on the same validation predictions).
 
 Images are files, folders (every file under them, hidden ones left out) and s3:// URIs (one object or
-every object under a prefix, downloaded into a scratch folder). They are read as ingest and evaluate
-read them: the same stat checks (a symlink leading out of the folder given, a FIFO, a device are
-refused without being opened) and ingest's reader (each file opened once, never blocking, decoded
-fully, converted to grayscale and resized by ``validation.load_image``), so a file ingest refuses is
-refused here, with the same reason. A refused file does not stop the others.
+every object under a prefix, downloaded into a scratch folder). They are listed by ``sources`` and read
+by ``image_reader``, as ingest and evaluate list and read them: the same stat checks (a symlink leading
+out of the folder given, a symlink loop, a FIFO, a device are refused without being opened) and the
+same reader (each file opened once, never blocking, decoded fully within the pixel limit, converted to
+grayscale and resized), so a file ingest refuses is refused here, with the same reason. A refused file
+does not stop the others.
 
 The model runs as ONNX (``model.onnx``, onnxruntime) by default, as the torch.export program
 (``model.pt2``) when there is no ONNX model, or from the checkpoint (``checkpoint.pt``, timm). All three
@@ -19,7 +20,6 @@ import csv
 import hashlib
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,84 +184,10 @@ def check_output(output: str | None) -> None:
 
 # --- the images ----------------------------------------------------------------------------------------
 
-class _Named:
-    """What ``data._stat`` reads of a directory entry, for a path given by name."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def stat(self):
-        return os.stat(self.path)
-
-    def is_symlink(self) -> bool:
-        return os.path.islink(self.path)
-
-
-class _Fetched:
-    """A source whose files are all on local disk already (s3:// objects were downloaded first)."""
-
-    def fetch(self, files) -> None:
-        pass
-
-
-def _image(path: str, shown: str, st: tuple | None, problem: str | None):
-    from pneumonia_kfp.data import ImageFile
-
-    return ImageFile("", "", path, shown, st, problem)
-
-
-def _local_files(arg: str) -> list:
-    """The files an argument names: the file itself, or every file under a folder (as the scan of ingest
-    sees them: one stat each, a symlink leading out of the folder refused)."""
-    from pneumonia_kfp.data import _stat, _visible
-
-    path = arg.removeprefix("file://")
-    if not os.path.lexists(path):
-        return [_image(path, arg, None, "does not exist")]
-    if not os.path.isdir(path):
-        return [_image(path, arg, *_stat(_Named(path), os.path.realpath(path)))]
-    real_root, found, seen = os.path.realpath(path), [], {os.path.realpath(path)}
-
-    def walk(folder: str, shown: str) -> None:
-        for e in _visible(folder):
-            name = f"{shown.rstrip('/')}/{e.name}"
-            st, problem = _stat(e, real_root)
-            if problem == "not a regular file (a directory)":
-                real = os.path.realpath(e.path)
-                if real not in seen:  # a folder, or a symlink to one inside the root, visited once
-                    seen.add(real)
-                    walk(e.path, name)
-                continue
-            found.append(_image(e.path, name, st, problem))
-
-    walk(path, arg)
-    return found or [_image(path, arg, None, "a folder holding no files")]
-
-
-def _s3_files(uri: str, workdir: Path) -> list:
-    """The objects an s3:// URI names (one object, or every object under a prefix), downloaded into ``workdir``."""
-    from pneumonia_kfp.ingest import S3Source
-
-    source = S3Source(uri, workdir)
-    keys = sorted(k for k in source.etags if not any(p.startswith(".") for p in k.split("/")))
-    base = source.uri
-    if not keys:  # not a prefix: perhaps one object
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        if parent.count("/") >= 2:  # s3://bucket/name at least
-            source = S3Source(parent, workdir)
-            keys, base = ([name] if name in source.etags else []), source.uri
-    if not keys:
-        return [_image(str(workdir), uri, None, "no such object, and no objects under it as a prefix")]
-    source.fetch([_image(str(workdir / k), k, None, None) for k in keys])  # relpath: the key, as ingest's
-    return [_image(str(workdir / k), f"{base}/{k}", None, None) for k in keys]
-
-
 def predict_paths(model_dir: str | Path, paths: list[str], engine: str = "onnx",
                   rule: str | None = None) -> Predictions:
     """Every image ``paths`` names, predicted; files that cannot be read are listed with their reason."""
-    from pneumonia_kfp.ingest import Settings, read_files
-    from pneumonia_kfp.params import default, max_pixels
-    from pneumonia_kfp.scratch import scratch_dir
+    from pneumonia_kfp.image_reader import read_named
 
     model = load_model(model_dir, engine)
     rule, threshold = threshold_for(model, rule)
@@ -269,17 +195,7 @@ def predict_paths(model_dir: str | Path, paths: list[str], engine: str = "onnx",
         log.warning("predict: the model's thresholds were chosen on test-time-augmented predictions; predict "
                     "uses none (the exported forms have none)")
     out = Predictions(model, rule, threshold)
-    size = model.image_size
-    with scratch_dir("predict-") as tmp:
-        tmp = Path(tmp)
-        files = []
-        for k, arg in enumerate(paths):
-            files += _s3_files(arg, tmp / "s3" / str(k)) if arg.startswith("s3://") else _local_files(arg)
-        (tmp / "read").mkdir()
-        results = read_files(_Fetched(), files, tmp / "read", Settings(size, default("seed"), "fail", max_pixels()),
-                             workers=None)
-        rows = np.fromfile(tmp / "read" / "rows.u8", dtype=np.uint8, count=len(files) * size * size)
-    images = rows.reshape(len(files), 1, size, size)
+    files, results, images = read_named(paths, model.image_size)  # listed and read as ingest lists and reads
     good = [i for i, r in enumerate(results) if not r.reason]
     out.failed = [{"file": f.relpath, "reason": r.reason} for f, r in zip(files, results, strict=True) if r.reason]
     prob = model.run(np.ascontiguousarray(images[good])) if good else np.zeros(0, np.float32)

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 
-from pneumonia_kfp.storage import StorageError, Store, open_store
+from pneumonia_kfp.storage import NotFound, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,8 @@ def load(store: Store) -> dict | None:
 
     try:
         data = store.get_bytes("last.pt")
-    except StorageError as e:
-        if e.code in ("NoSuchKey", "NoSuchBucket"):
-            return None
-        raise
+    except NotFound:
+        return None
     head, _, body = data.partition(b"\n")
     want = head.removeprefix(HEADER).decode("ascii", "replace") if head.startswith(HEADER) else None
     why = ("it has no checksum header" if want is None else

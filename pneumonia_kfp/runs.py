@@ -15,7 +15,7 @@ import secrets
 import time
 
 from pneumonia_kfp.errors import DataError
-from pneumonia_kfp.storage import StorageError, open_store
+from pneumonia_kfp.storage import NotFound, open_store
 
 RUNS = "runs"
 RESULTS = "results"
@@ -52,9 +52,7 @@ def load_results(run_dir: str, backbones: list[str]) -> list[dict]:
     for backbone in backbones:
         try:
             results.append(json.loads(store.get_bytes(result_key(backbone))))
-        except StorageError as e:
-            if e.code not in ("NoSuchKey", "NoSuchObject"):
-                raise
+        except NotFound:
             missing.append(backbone)
     if missing:
         raise DataError(f"{run_dir}: no results for {', '.join(missing)} (did its evaluate step fail?)")

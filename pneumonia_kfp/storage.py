@@ -51,6 +51,10 @@ class StorageError(PneumoniaKfpError):
         self.code = code
 
 
+class NotFound(StorageError):
+    """The object, or its bucket, does not exist: the one "not found" every reader tests for."""
+
+
 @dataclass(frozen=True)
 class Unfinished:
     """An upload a writer began and never finished: a ``.partial-*`` file or an incomplete multipart upload."""
@@ -162,7 +166,7 @@ class FileStore(Store):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
+            raise NotFound(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda f: f.write(data), len(data))
@@ -242,14 +246,17 @@ class FileStore(Store):
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(key), path)
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise NotFound(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
             with open(self._path(key), "rb") as f:
                 return os.pread(f.fileno(), length, offset)
         except FileNotFoundError:
-            raise StorageError(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
+            raise NotFound(f"{self.uri_of(key)} does not exist", "NoSuchKey") from None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -303,7 +310,7 @@ class S3Store(Store):
             return fn(*args, **kwargs)
         except S3Error as e:
             if e.code in _NOT_FOUND:
-                raise StorageError(f"{what}: does not exist ({e.code})", e.code) from None
+                raise NotFound(f"{what}: does not exist ({e.code})", e.code) from None
             status = getattr(e.response, "status", None)
             raise StorageError(f"{what}: S3 error {e.code} (HTTP {status}) from {self.endpoint}: {e.message}",
                                e.code) from None
@@ -349,10 +356,8 @@ class S3Store(Store):
         try:
             self._call(f"stat {self.uri_of(key)}", self.client.stat_object, self.bucket, self._key(key))
             return True
-        except StorageError as e:
-            if e.code in _NOT_FOUND:
-                return False
-            raise
+        except NotFound:
+            return False
 
     def get_bytes(self, key: str) -> bytes:
         return self._read(key)
@@ -414,10 +419,8 @@ class S3Store(Store):
                 page = self._call(f"list unfinished uploads under {self.uri_of(prefix)}",
                                   self.client._list_multipart_uploads, self.bucket, prefix=base + "/" if base else "",
                                   key_marker=marker, upload_id_marker=id_marker)
-            except StorageError as e:
-                if e.code in _NOT_FOUND:
-                    return []
-                raise
+            except NotFound:
+                return []
             found += [Unfinished(u.object_name[strip:], u.initiated_time.timestamp(), u.upload_id)
                       for u in page.uploads]
             if not page.is_truncated or not page.uploads:
@@ -452,10 +455,8 @@ class S3Store(Store):
         """{name: value(object)} of the objects under ``prefix``; empty when the bucket or prefix is missing."""
         try:
             objs = self._objects(prefix)
-        except StorageError as e:
-            if e.code in _NOT_FOUND:
-                return {}
-            raise
+        except NotFound:
+            return {}
         strip = len(self.prefix) + 1 if self.prefix else 0
         return {o.object_name[strip:]: value(o) for o in objs}
 

@@ -10,11 +10,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from pneumonia_kfp.data import DataError, ImageFile
+from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.params import (
     MIN_IMAGE_SIZE as MIN_SIDE,  # a source image smaller than the smallest input is no X-ray
 )
+from pneumonia_kfp.sources import ImageFile
 
 
 def load_image(source, size: int, max_pixels: int | None = None, min_side: int = 1) -> np.ndarray:

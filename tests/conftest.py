@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
-from pneumonia_kfp import ingest as ingest_module
-from pneumonia_kfp.ingest import RACY_NS
+from pneumonia_kfp import image_reader
+from pneumonia_kfp.source_index import RACY_NS
 from pneumonia_kfp.synthetic import make_synthetic
 
 pytest_plugins = ["tests.pushgateway"]  # its `pushgateway` fixture, for every test module
@@ -58,15 +58,15 @@ def data(image_folder, tmp_path):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The paths ingest's reader opens (in-process reads: fewer files than need worker processes)."""
+    """The paths the image reader opens (in-process reads: fewer files than need worker processes)."""
     opened = []
-    original = ingest_module._Reader.read
+    original = image_reader._Reader.read
 
     def counting(self, i, path):
         opened.append(path)
         return original(self, i, path)
 
-    monkeypatch.setattr(ingest_module._Reader, "read", counting)
+    monkeypatch.setattr(image_reader._Reader, "read", counting)
     return opened
 
 

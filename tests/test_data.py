@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia_kfp.data import DataError, grouped_holdout, patient_id, scan_image_folder
+from pneumonia_kfp.data import DataError, grouped_holdout, patient_id
+from pneumonia_kfp.sources import scan_image_folder
 
 
 def _img(path, size=16):

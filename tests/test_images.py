@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia_kfp.data import DataError, ImageFile, scan_image_folder
+from pneumonia_kfp.data import DataError
 from pneumonia_kfp.params import DEFAULT_MAX_PIXELS
+from pneumonia_kfp.sources import ImageFile, scan_image_folder
 from pneumonia_kfp.validation import check_image, check_leakage, load_image, patients_in_both
 
 

@@ -7,10 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from pneumonia_kfp import ingest as ingest_module
-from pneumonia_kfp.data import IntegrityError, StoredDataset, manifest_checksum
-from pneumonia_kfp.ingest import RACY_NS, ingest
+from pneumonia_kfp import image_reader
+from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.ingest import ingest
 from pneumonia_kfp.maintenance import gc
+from pneumonia_kfp.manifest import IntegrityError
+from pneumonia_kfp.manifest import checksum as manifest_checksum
+from pneumonia_kfp.source_index import RACY_NS
 from pneumonia_kfp.storage import open_store
 from pneumonia_kfp.synthetic import make_synthetic
 from pneumonia_kfp.validation import load_image
@@ -218,7 +221,7 @@ def test_a_file_swapped_during_ingest_is_consistent_and_seen_next_time(data, tmp
     victim = sorted((data / "train" / "PNEUMONIA").iterdir())[0]
     relpath = victim.relative_to(data).as_posix()
     image_a, image_b = victim.read_bytes(), sorted((data / "train" / "PNEUMONIA").iterdir())[1].read_bytes()
-    original = ingest_module._Reader.read
+    original = image_reader._Reader.read
 
     def read_then_swap(self, i, path):
         result = original(self, i, path)
@@ -227,7 +230,7 @@ def test_a_file_swapped_during_ingest_is_consistent_and_seen_next_time(data, tmp
             os.replace(data / "swap.tmp", victim)
         return result
 
-    monkeypatch.setattr(ingest_module._Reader, "read", read_then_swap)
+    monkeypatch.setattr(image_reader._Reader, "read", read_then_swap)
     storage = (tmp_path / "store").as_uri()
     first = ingest(str(data), storage, image_size=32, workers=1)
     ds = StoredDataset(first["uri"])

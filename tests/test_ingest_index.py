@@ -6,8 +6,9 @@ import hashlib
 
 import pytest
 
-from pneumonia_kfp.data import ImageFile
-from pneumonia_kfp.ingest import RACY_NS, FileResult, Index, LocalSource, S3Source
+from pneumonia_kfp.image_reader import FileResult
+from pneumonia_kfp.source_index import RACY_NS, Index
+from pneumonia_kfp.sources import ImageFile, LocalSource, S3Source
 from pneumonia_kfp.storage import open_store
 
 SHA = hashlib.sha256(b"image").hexdigest()

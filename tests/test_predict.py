@@ -18,6 +18,7 @@ from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.training import train
 from pneumonia_kfp.validation import load_image
+from tests.hostile import special_files
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
@@ -108,7 +109,7 @@ def test_files_folders_and_s3_uris_together(model, data, tmp_path, capsys, s3_en
         scratches.append(prefix)
         return scratch_dir(prefix)
 
-    monkeypatch.setattr("pneumonia_kfp.scratch.scratch_dir", watched)  # predict imports it when it runs
+    monkeypatch.setattr("pneumonia_kfp.image_reader.scratch_dir", watched)  # where predict's files are read
     normal = sorted((data / "test" / "NORMAL").glob("*.jpeg"))
     pneumonia = sorted((data / "test" / "PNEUMONIA").glob("*.jpeg"))
     bucket = f"s3://predict-{uuid.uuid4().hex[:8]}"
@@ -170,6 +171,30 @@ def test_bad_files_are_one_line_each_and_the_rest_are_predicted(model, data, tmp
     assert lines[-1].startswith(f"pneumonia-kfp predict: {len(good)} predicted, 6 failed")
 
 
+def test_what_ingest_refuses_predict_refuses_without_opening_it(model, data, tmp_path, capsys, reads):
+    """The hostile files ingest and evaluate are tested with (tests/hostile.py: a FIFO, a socket, a symlink
+    loop, a dangling link, a decompression-bomb header, a device), a sub-folder leading out of the folder
+    given and a sub-folder that is a symlink loop: each refused with ingest's reason, the special ones
+    never opened; the good images are predicted and the exit code is 1."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(data / "test" / "NORMAL", folder)
+    good = sorted(f.name for f in folder.iterdir())
+    (tmp_path / "outside").mkdir()
+    shutil.copy(folder / good[0], tmp_path / "outside" / "x.jpeg")
+    os.symlink(tmp_path / "outside", folder / "elsewhere")  # a folder outside the one given: not walked
+    os.symlink(folder / "loop-dir", folder / "loop-dir")
+    with special_files(folder) as expected:
+        code, _, err = _run(capsys, "--model", model[0], folder, "--output", tmp_path / "p.json")
+    expected.update({"elsewhere": "symlink pointing outside the data root", "loop-dir": "symlink loop"})
+    assert code == 1, err
+    doc = _json(tmp_path / "p.json")
+    assert {f["file"].removeprefix(f"{folder}/"): f["reason"] for f in doc["failed"]} == expected
+    assert sorted(r["file"] for r in doc["predictions"]) == [f"{folder}/{n}" for n in good]
+    opened = {os.path.basename(p) for p in reads}
+    assert opened == set(good) | {"bomb.png"}  # the bomb's header is read and refused before decoding
+    assert f"{folder}/fifo.jpeg: not a regular file (a FIFO)" in err
+
+
 def test_csv_and_json_hold_every_field(model, data, tmp_path, capsys):
     path, meta = model
     f = sorted((data / "test" / "NORMAL").glob("*.jpeg"))[0]
@@ -227,7 +252,7 @@ def test_a_stop_signal_ends_it_cleanly_and_removes_the_scratch(model, data, tmp_
     """A SIGTERM while images are read: exit 128 + 15, one line, and the scratch folder is gone."""
     import signal
 
-    from pneumonia_kfp import ingest as ingest_module
+    from pneumonia_kfp import image_reader
     from pneumonia_kfp.procs import Stopped
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -235,11 +260,11 @@ def test_a_stop_signal_ends_it_cleanly_and_removes_the_scratch(model, data, tmp_
     (tmp_path / "tmp").mkdir()
     seen = []
 
-    def stopped(source, files, tmp, *args, **kwargs):
+    def stopped(files, tmp, *args, **kwargs):
         seen.append(tmp)
         raise Stopped(signal.SIGTERM)
 
-    monkeypatch.setattr(ingest_module, "read_files", stopped)
+    monkeypatch.setattr(image_reader, "read_files", stopped)
     code, out, err = _run(capsys, "--model", model[0], data / "test")
     assert code == 128 + signal.SIGTERM and out == ""
     assert err.splitlines() == ["pneumonia-kfp predict: stopped by SIGTERM; its temporary files were removed"]

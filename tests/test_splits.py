@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia_kfp.data import DataError, StoredDataset, grouped_holdout, groups_of, patient_id, scan_image_folder
+from pneumonia_kfp.data import DataError, StoredDataset, grouped_holdout, groups_of, patient_id
 from pneumonia_kfp.ingest import TEST_FRACTION, assign_splits, ingest
+from pneumonia_kfp.sources import scan_image_folder
 from pneumonia_kfp.synthetic import make_synthetic
 from pneumonia_kfp.training import MIN_VAL_IMAGES, train_val_split
 
