@@ -99,6 +99,14 @@ def predict_cmd(args) -> int:
     return 1 if result.failed else 0
 
 
+def serve_cmd(args) -> int:
+    from pneumonia_kfp.serve import serve
+
+    serve(args.model, port=args.port, name=args.name, engine=args.engine, rule=args.threshold_rule,
+          max_request_mb=args.max_request_mb)
+    return 0
+
+
 def compile_pipeline(args, output: str):
     """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``;
     the settings."""
@@ -202,6 +210,20 @@ def parser() -> argparse.ArgumentParser:
                    help="the threshold chosen on validation by this rule (default: the model's own rule)")
     d.add_argument("--output", metavar="FILE", help="also write the predictions to FILE.csv or FILE.json")
     d.set_defaults(func=predict_cmd)
+
+    v = sub.add_parser("serve", help="answer HTTP requests with the model: KServe's model server (Open Inference "
+                       "Protocol v2, KServe v1, Prometheus /metrics)")
+    v.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
+    v.add_argument("--port", type=int, default=8080, help="the HTTP port, on every interface (default: 8080)")
+    v.add_argument("--name", default="pneumonia", help="the model's name in the URLs: /v2/models/NAME/infer, "
+                   "/v1/models/NAME:predict (default: pneumonia)")
+    v.add_argument("--engine", choices=("onnx", "pt2", "checkpoint"), default="onnx",
+                   help="as predict's --engine (default: onnx; model.pt2 when there is no model.onnx)")
+    v.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
+                   help="the threshold chosen on validation by this rule (default: the model's own rule)")
+    v.add_argument("--max-request-mb", type=float, default=64, metavar="MIB",
+                   help="a request body over this many MiB gets 413 (default: 64)")
+    v.set_defaults(func=serve_cmd)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")
     c.add_argument("-o", "--output", default="pipeline.yaml", help="the YAML file to write (default: pipeline.yaml)")
