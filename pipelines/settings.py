@@ -39,6 +39,7 @@ SECRET_DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DURATION = re.compile(r"^[0-9]+s$")
 CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
+DISTRIBUTED_ENGINES = ("auto", "trainjob", "pytorchjob")
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 TOLERATION_VALUES = {"operator": (None, "Equal", "Exists"),
                      "effect": (None, "NoSchedule", "PreferNoSchedule", "NoExecute")}
@@ -77,6 +78,8 @@ class Train(Resources):
     retry_backoff: str = "60s"
     retry_backoff_factor: float = 2.0
     retry_backoff_max: str = "3600s"
+    # nodes > 1: which engine runs the job; auto asks the API server which of the two it serves
+    distributed_engine: str = "auto"  # auto | trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
 
 
 @dataclass
@@ -105,6 +108,9 @@ class Settings:
     image: str = BASE_IMAGE
     storage: str = DEFAULT_STORAGE  # {namespace}: submit's --namespace (kubeflow without one)
     image_pull_secrets: list = field(default_factory=list)
+    # > 1: every train step is a distributed job of this many nodes (pods), each with train.accelerator_count
+    # GPUs and one torchrun process per GPU; the train task itself only launches it (resources: launcher)
+    nodes: int = 1
     env: dict = field(default_factory=dict)  # extra plain variables on every task (never credentials)
     minio: Minio = field(default_factory=Minio)
     start: Resources = field(default_factory=lambda: Resources("100m", "1", "256Mi", "1Gi"))
@@ -112,12 +118,13 @@ class Settings:
     train: Train = field(default_factory=lambda: Train("4", "8", "16Gi", "32Gi"))
     evaluate: Resources = field(default_factory=lambda: Resources("2", "4", "8Gi", "16Gi"))
     report: Resources = field(default_factory=lambda: Resources("1", "2", "2Gi", "4Gi"))
+    launcher: Resources = field(default_factory=lambda: Resources("100m", "1", "512Mi", "2Gi"))
 
     def validate(self) -> "Settings":
         self.image = pinned_image(self.image)
         _check("storage", self.storage, STORAGE_TEMPLATE.match,
                "s3://bucket/prefix, optionally with {namespace}, e.g. " + DEFAULT_STORAGE)
-        for key in ("start", "ingest", "train", "evaluate", "report"):
+        for key in ("start", "ingest", "train", "evaluate", "report", "launcher"):
             r = getattr(self, key)
             for name in ("cpu_request", "cpu_limit"):
                 _check(f"{key}.{name}", getattr(r, name), lambda v: not v or CPU.match(v),
@@ -126,8 +133,12 @@ class Settings:
                 _check(f"{key}.{name}", getattr(r, name), lambda v: not v or MEMORY.match(v),
                        "a memory quantity like 512Mi or 16Gi")
         t = self.train
-        # a task trains on one GPU: nothing would use a second one until training runs distributed
-        _check("train.accelerator_count", t.accelerator_count, lambda v: v in (0, 1), "0 (CPU) or 1 (one GPU)")
+        _check("nodes", self.nodes, lambda v: v >= 1, "1 (train in the task) or more (a distributed job)")
+        _check("train.distributed_engine", t.distributed_engine, lambda v: v in DISTRIBUTED_ENGINES,
+               " or ".join(DISTRIBUTED_ENGINES))
+        # one node's task trains on one GPU; a distributed job runs one torchrun process per GPU of each node
+        _check("train.accelerator_count", t.accelerator_count, lambda v: v in (0, 1) or (self.nodes > 1 and v > 1),
+               "0 (CPU) or 1 (one GPU); GPUs per node when nodes > 1")
         _check("train.retries", t.retries, lambda v: v >= 0, "0 or more")
         _check("train.shm_size", t.shm_size, lambda v: MEMORY.match(v), "a memory quantity like 8Gi")
         for name in ("retry_backoff", "retry_backoff_max"):

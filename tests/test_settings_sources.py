@@ -88,7 +88,8 @@ def test_environment_names():
     assert all_keys["train.accelerator_count"] is int and all_keys["ingest.cache"] is bool
     assert all_keys["minio.secret"] is str and all_keys["train.retry_backoff_factor"] is float
     assert "train" not in all_keys and "train.cpu_limit" in all_keys and "report.memory_limit" in all_keys
-    assert len(all_keys) == 4 + 5 + 5 + 13 + 4 + 4 + 4  # top level, minio, ingest, train, evaluate, report, start
+    # top level, minio, ingest, train, evaluate, report, start, launcher
+    assert len(all_keys) == 5 + 5 + 5 + 14 + 4 + 4 + 4 + 4
 
 
 @pytest.mark.parametrize("kwargs, message", [
