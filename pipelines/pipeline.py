@@ -27,6 +27,8 @@ from pneumonia_kfp.components.kfp_defaults import image_mismatch
 from pneumonia_kfp.components.report import report_op
 from pneumonia_kfp.components.start import start_op
 from pneumonia_kfp.components.train import train_op
+from pneumonia_kfp.components.train_distributed import train_distributed_op
+from pneumonia_kfp.jobs import config_from_settings
 from pneumonia_kfp.params import (
     BY_NAME,
     PIPELINE_PARAMS,
@@ -51,14 +53,25 @@ Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Ma
 def _models_pipeline(max_parallel: int, settings: Optional[Settings]):
     """The sub-pipeline: one train -> evaluate per backbone, at most ``max_parallel`` at a time."""
     names = ("dataset", "run_dir", "backbones", "external_data") + TRAIN_PARAMS
+    distributed = settings is not None and settings.nodes > 1
 
     def train_and_evaluate(*values):
         p = dict(zip(names, values, strict=True))
         with dsl.ParallelFor(p["backbones"], parallelism=max_parallel) as backbone:
-            train = train_op(dataset=p["dataset"], backbone=backbone, **{n: p[n] for n in TRAIN_PARAMS})
+            if distributed:  # the task launches a TrainJob/PyTorchJob of settings.nodes nodes and waits for it
+                train = train_distributed_op(dataset=p["dataset"], backbone=backbone, **{n: p[n] for n in TRAIN_PARAMS},
+                                             job=config_from_settings(settings).to_json())
+            else:
+                train = train_op(dataset=p["dataset"], backbone=backbone, **{n: p[n] for n in TRAIN_PARAMS})
             evaluate = evaluate_op(dataset=p["dataset"], model=train.outputs["model"], run_dir=p["run_dir"],
                                    external_data=p["external_data"])
-        if settings is not None:
+        if settings is not None and distributed:  # no GPU on the launcher; a retry reruns (resumes) the whole job
+            configure(settings, launcher=train, evaluate=evaluate)
+            t = settings.train
+            if t.retries:
+                train.set_retry(t.retries, backoff_duration=t.retry_backoff, backoff_factor=t.retry_backoff_factor,
+                                backoff_max_duration=t.retry_backoff_max)
+        elif settings is not None:
             configure(settings, train=train, evaluate=evaluate)
 
     def param(name, annotation):
