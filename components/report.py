@@ -27,15 +27,15 @@ def report_op(
     """
     import json
 
-    from pneumonia_kfp.evaluation import ENSEMBLE, log_ui_metrics
+    from pneumonia_kfp.evaluation import ENSEMBLE, combine, log_ui_metrics
     from pneumonia_kfp.outputs import document, write_files
-    from pneumonia_kfp.report import report_from_store
+    from pneumonia_kfp.report import render_from_store
     from pneumonia_kfp.runs import load_results
 
     models = load_results(run_dir, backbones)
     with open(dataset.path) as f:
         info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
-    combined, md, page, csv = report_from_store(info, models)
+    combined, md, page, csv = render_from_store(combine(info, models))
     # strict JSON, and every file whole or not at all
     write_files({markdown.path: md, html.path: page, summary.path: document(combined), predictions.path: csv})
     summary.metadata["best"] = combined["best"]["backbone"]

@@ -68,7 +68,7 @@ def verify_cmd(args) -> int:
 
 @stoppable
 def evaluate_cmd(args) -> int:
-    from pneumonia_kfp.evaluation import evaluate_folder
+    from pneumonia_kfp.pipelines.evaluate_folder import evaluate_folder
 
     results = evaluate_folder(args.model, args.data, Path(args.output))
     t = results["models"][0]["test"]

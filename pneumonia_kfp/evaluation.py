@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia_kfp import documents
+from pneumonia_kfp.documents import CheckpointMeta, ModelResult, fields_of, model_result
 from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.image_reader import read_labelled_folder as load_folder  # read as ingest reads
 from pneumonia_kfp.inference import predict, predictions_block
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
 ENSEMBLE = "ensemble"
-SPLITS = ("val", "test", "external")  # the prediction blocks a result document may carry
+PREDICTION_SPLITS = ("val", "test", "external")  # the prediction blocks a result document may carry
 
 
 def ui_scalars(r: dict) -> dict[str, float]:
@@ -39,14 +41,14 @@ def ui_scalars(r: dict) -> dict[str, float]:
             continue
         out.update({f"{split}_{name}": t[name] for name in SCALARS})
         for name in CI_SCALARS:
-            lo_hi = t.get("ci95", {}).get(name)
+            lo_hi = t["ci95"].get(name)  # none for a figure the data leaves undefined
             if lo_hi:
                 out[f"{split}_{name}_ci95_low"], out[f"{split}_{name}_ci95_high"] = lo_hi
         out[f"{split}_n"] = t["n"]
     out.update({
         "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
-        "best_epoch": r["train"].get("best_epoch"), "train_seconds": r["train"]["seconds"],
-        "train_images_per_second": r["train"].get("images_per_second"), "parameters": r.get("parameters"),
+        "best_epoch": r["train"]["best_epoch"], "train_seconds": r["train"]["seconds"],
+        "train_images_per_second": r["train"]["images_per_second"], "parameters": r["parameters"],
     })
     return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
             if v is not None and math.isfinite(v)}
@@ -74,8 +76,9 @@ def operating_points(rules: dict[str, float], default_rule: str, predictions: di
             for rule, t in rules.items()]
 
 
-def scored_document(head: dict, predictions: dict, rules: dict, rule: str, classes: list[str]) -> dict:
-    """``head`` plus threshold, test (and external) blocks, operating points, test ROC and predictions."""
+def scored_document(head: dict, predictions: dict, rules: dict, rule: str, classes: list[str]) -> ModelResult:
+    """The result document: ``head`` plus threshold, test (and external) blocks, operating points, test ROC
+    and predictions."""
     from pneumonia_kfp.metrics import roc_points
 
     t = rules[rule]
@@ -87,14 +90,14 @@ def scored_document(head: dict, predictions: dict, rules: dict, rule: str, class
     test = predictions["test"]
     doc["roc"] = roc_points(test["label"], test["prob"])
     doc["predictions"] = predictions
-    return doc
+    return model_result(**doc)
 
 
-def model_document(meta: dict, parameters: int, predictions: dict) -> dict:
+def model_document(meta: CheckpointMeta, parameters: int, predictions: dict) -> ModelResult:
     """One model's entry of results.json from its checkpoint metadata and scored predictions."""
     head = {
         "backbone": meta["backbone"], "image_size": meta["image_size"], "epochs": meta["epochs"],
-        "pretrained": meta["pretrained"], "tta": meta.get("tta", False), "recipe": meta.get("recipe"),
+        "pretrained": meta["pretrained"], "tta": meta["tta"], "recipe": meta["recipe"],
         "parameters": parameters, "val": meta["val"],
         "train": {"seconds": meta["seconds"], "images_per_second": meta["images_per_second"],
                   "best_epoch": meta["best_epoch"], "device": meta["device"], "val_source": meta["val_source"],
@@ -104,7 +107,8 @@ def model_document(meta: dict, parameters: int, predictions: dict) -> dict:
     return scored_document(head, predictions, meta["thresholds"], meta["threshold_rule"], meta["classes"])
 
 
-def _load(model_path: str, device):
+def load_model(model_path: str, device):
+    """(model, checkpoint metadata) of a model directory train wrote (or its checkpoint file)."""
     from pneumonia_kfp.backbones import WHERE_MODELS_ARE, ModelFileError, load_checkpoint
     from pneumonia_kfp.export import CHECKPOINT, checkpoint_in
 
@@ -114,12 +118,7 @@ def _load(model_path: str, device):
     if path.is_dir() and not (path / CHECKPOINT).is_file():
         raise ModelFileError(f"model {model_path}: no checkpoint there ({CHECKPOINT} is missing); pass "
                              f"{WHERE_MODELS_ARE}")
-    return load_checkpoint(checkpoint_in(model_path), device, required=EVALUATE_KEYS)
-
-
-# what a result document takes from the checkpoint (train writes them all)
-EVALUATE_KEYS = ("image_size", "mean", "std", "epochs", "pretrained", "val", "seconds", "images_per_second",
-                 "best_epoch", "device", "val_source", "history", "val_predictions", "thresholds", "threshold_rule")
+    return load_checkpoint(checkpoint_in(model_path), device, required=fields_of(CheckpointMeta))
 
 
 def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict:
@@ -136,8 +135,8 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
         raise DataError(f"{dataset_uri} has {len(y)} test images of {len(set(y.tolist()))} class(es): "
                         f"the test split needs images of each of {', '.join(ds.classes)}")
     # after the data check: a bad test split fails before any model loads
-    model, meta = _load(model_path, select_device())
-    tta = meta.get("tta", False)
+    model, meta = load_model(model_path, select_device())
+    tta = meta["tta"]
     predictions = {"test": predictions_block(entries, y, predict(model, x, meta["mean"], meta["std"], tta))}
     if external_data:
         ex, ey, ee = load_folder(external_data, meta["image_size"], meta["classes"])
@@ -157,7 +156,7 @@ def ensemble(models: list[dict]) -> dict | None:
         return None
     first = models[0]
     predictions = {}
-    for split in SPLITS:
+    for split in PREDICTION_SPLITS:
         if not all(split in m["predictions"] for m in models):
             continue
         files = first["predictions"][split]["file"]
@@ -177,12 +176,30 @@ def ensemble(models: list[dict]) -> dict | None:
     head = {
         "backbone": ENSEMBLE, "members": [m["backbone"] for m in models], "image_size": first["image_size"],
         "epochs": first["epochs"], "pretrained": all(m["pretrained"] for m in models),
-        "tta": first.get("tta", False), "parameters": sum(m.get("parameters") or 0 for m in models),
+        "tta": first["tta"], "parameters": sum(m["parameters"] for m in models),
         "val": score(val, rules[rule], classes),
         "train": {"seconds": sum(m["train"]["seconds"] for m in models), "images_per_second": None,
                   "best_epoch": None, "history": []},
     }
     return scored_document(head, predictions, rules, rule, classes)
+
+
+BEST_RULE = "highest validation AUC (ties: higher validation F1); test metrics play no part in the choice"
+
+
+def best_model(models: list[dict]) -> dict:
+    return max(models, key=lambda m: (m["val"]["auc"], m["val"]["f1"]))
+
+
+def combine(dataset: dict, models: list[dict]) -> dict:
+    """The run's results: the dataset and every model sorted by backbone name, the ensemble (of two or
+    more) last, and the best model by validation. The models keep their per-image predictions (the
+    report renders them into the predictions CSV and leaves them out of results.json)."""
+    models = sorted(models, key=lambda m: m["backbone"])
+    combined = ensemble(models)
+    models = models + ([combined] if combined else [])
+    best = {"backbone": best_model(models)["backbone"], "rule": BEST_RULE} if models else None
+    return documents.results(dataset=dataset, models=models, best=best)
 
 
 def warn_one_class(data: str, labels, classes: list[str]) -> None:
@@ -195,29 +212,6 @@ def warn_one_class(data: str, labels, classes: list[str]) -> None:
         figures = ", ".join(names[k] for k in names if k in undefined(labels))
         log.warning("%s holds no %s images: %s need both classes and are undefined (null in results.json); "
                     "the other figures are shown", data, " or ".join(missing), figures)
-
-
-def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
-    """``pneumonia-kfp evaluate``: score a trained model on any ImageFolder; write OUT/results.json,
-    report.md, report.html and predictions.csv in the pipeline's contract. A folder of one class is
-    scored with the figures that need both classes (specificity or sensitivity, AUC) left undefined
-    (null), and a warning."""
-    from pneumonia_kfp.device import select_device
-    from pneumonia_kfp.report import report, write_outputs
-
-    out = Path(output)
-    model, meta = _load(model_path, select_device())
-    x, y, entries = load_folder(data, meta["image_size"], meta["classes"])
-    counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}
-    warn_one_class(data, y, meta["classes"])
-    prob = predict(model, x, meta["mean"], meta["std"], meta.get("tta", False))
-    doc = model_document(meta, sum(p.numel() for p in model.parameters()),
-                         {"test": predictions_block(entries, y, prob)})
-    dataset = {"uri": str(data), "classes": meta["classes"], "counts": {"test": counts},
-               "external": True, "model": str(model_path)}
-    results, md, page, csv = report(dataset, [doc], images={e["path"]: img for e, img in zip(entries, x, strict=True)})
-    write_outputs(out, results, md, page, csv)
-    return results
 
 
 def log_ui_metrics(doc: dict, metrics, classification) -> None:

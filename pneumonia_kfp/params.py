@@ -24,6 +24,13 @@ MAX_PIXELS_ENV = "PNEUMONIA_KFP_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000
 # how the default decision threshold is chosen from validation predictions (pneumonia_kfp.metrics)
 THRESHOLD_RULES = ("balanced", "youden", "sensitivity95")
+# How a model learns beyond the run parameters: training.Recipe's defaults (the ablation table's variables,
+# not flags), all recorded with the model. Chest X-ray practice for robustness to other hospitals' images:
+# photometric and geometric augmentation (augmentation.POLICIES), label smoothing 0.1 (Szegedy et al. 2016;
+# Müller et al. 2019), AdamW's decoupled weight decay, and selection on an exponential moving average of the
+# weights (timm's ModelEmaV3 with warm-up).
+RECIPE_DEFAULTS = {"augmentation": "default", "label_smoothing": 0.1, "weight_decay": 1e-4, "ema": True,
+                   "ema_decay": 0.9998}
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import re
 import numpy as np
 
 from pneumonia_kfp.metrics import TARGET_SENSITIVITY
+from pneumonia_kfp.params import default
 
 log = logging.getLogger(__name__)
 
-BEST_RULE = "highest validation AUC (ties: higher validation F1); test metrics play no part in the choice"
 # The AIMI Lab1 seed's published figures, for reference only: its best epoch was picked on test.
 SEED_REFERENCE = {"backbone": "resnext50_32x4d (seed, AIMI Lab1)", "accuracy": 0.9439, "f1": 0.9556}
 RULE_NOTES = {
@@ -26,22 +26,7 @@ SHIFT_NOTE = ("Thresholds come from validation only. The validation images come 
               "train and are easier than a new hospital's: a threshold tuned on them tends to over-call "
               "pneumonia on shifted data (lower specificity), which is why the default rule takes nothing from them.")
 PREDICTION_COLUMNS = ("split", "file", "patient", "label")
-
-
-def best_model(models: list[dict]) -> dict:
-    return max(models, key=lambda m: (m["val"]["auc"], m["val"]["f1"]))
-
-
-def combine(dataset: dict, models: list[dict]) -> dict:
-    """results.json: the dataset and every model sorted by backbone name, the ensemble (of two or
-    more) last; per-image predictions stay out (they go to the predictions CSV)."""
-    from pneumonia_kfp.evaluation import ensemble
-
-    models = sorted(models, key=lambda m: m["backbone"])
-    combined = ensemble(models)
-    models = models + ([combined] if combined else [])
-    best = {"backbone": best_model(models)["backbone"], "rule": BEST_RULE} if models else None
-    return {"dataset": dataset, "models": models, "best": best}
+DATASET_VAL = "dataset val split"  # a training result's val_source when the dataset's own val split was used
 
 
 def without_predictions(results: dict) -> dict:
@@ -88,7 +73,7 @@ def _pct(x: float | None) -> str:
 
 def _with_ci(block: dict, key: str, pct: bool = True, ci_key: str | None = None) -> str:
     fmt = _pct if pct else (lambda v: UNDEFINED if v is None else f"{v:.4f}")
-    ci = block.get("ci95", {}).get(ci_key or key)
+    ci = block["ci95"].get(ci_key or key)  # none for a figure the data leaves undefined
     return f"{fmt(block[key])} ({fmt(ci[0])}–{fmt(ci[1])})" if ci and block[key] is not None else fmt(block[key])
 
 
@@ -97,7 +82,7 @@ def undefined_note(results: dict, split: str = "test") -> str:
     names = sorted({k for m in results["models"] for k in (m.get(split) or {}).get("undefined", [])})
     if not names:
         return ""
-    counts = results["dataset"].get("counts", {}).get(split, {})
+    counts = results["dataset"]["counts"].get(split, {})
     present = [c for c, n in counts.items() if n] or ["one class"]
     return (f"These images are all {' / '.join(present)}: {', '.join(names)} need images of both classes and "
             "are undefined (null in results.json).")
@@ -108,7 +93,7 @@ def _count(n) -> str:
 
 
 def _settings(m: dict) -> str:
-    rule = f"thr {m['threshold']:.3f} ({m.get('threshold_rule', 'youden')})" + (", TTA" if m.get("tta") else "")
+    rule = f"thr {m['threshold']:.3f} ({m['threshold_rule']})" + (", TTA" if m["tta"] else "")
     if m.get("members"):
         return f"mean probability of {' + '.join(m['members'])}, {rule}"
     return (f"{m['image_size']} px, {m['epochs']} ep (best {m['train']['best_epoch']}), "
@@ -121,9 +106,9 @@ def table_rows(results: dict, split: str = "test") -> list[list[str]]:
         t = m.get(split)
         if not t:
             continue
-        ips = m["train"].get("images_per_second")
+        ips = m["train"]["images_per_second"]
         rows.append([
-            m["backbone"], _count(m.get("parameters")), _settings(m),
+            m["backbone"], _count(m["parameters"]), _settings(m),
             _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, "recall", ci_key="sensitivity"),
             _with_ci(t, "specificity"), _with_ci(t, "auc", pct=False), f"{m['val']['auc']:.4f}",
             f"{m['train']['seconds']:.0f} s", "–" if ips is None else f"{ips:.0f}",
@@ -147,7 +132,7 @@ def seed_row(n_columns: int = len(HEADER)) -> list[str]:
 def operating_point_rows(results: dict, split: str = "test") -> list[list[str]]:
     rows = []
     for m in results["models"]:
-        for op in m.get("operating_points", []):
+        for op in m["operating_points"]:
             if split not in op:
                 continue
             s = op[split]
@@ -166,7 +151,7 @@ def _ci_note(results: dict, split: str = "test") -> str:
     ns = sorted({m[split]["n"] for m in models})
     units = sorted({f"{m[split]['bootstrap']['clusters']} {m[split]['bootstrap']['unit']}s" for m in models
                     if "bootstrap" in m[split]})
-    rule = models[0].get("threshold_rule", "youden") if models else "youden"
+    rule = models[0]["threshold_rule"] if models else default("threshold_rule")
     name = "Test split" if split == "test" else "External data"
     n = f" (n = {', '.join(map(str, ns))})" if ns else ""
     return (f"{name}{n}. 95% CI: class-stratified bootstrap of patients ({', '.join(units) or 'images'}; "
@@ -176,20 +161,20 @@ def _ci_note(results: dict, split: str = "test") -> str:
             f"Sensitivity = recall of {labels[1]}, specificity = recall of {labels[0]}.")
 
 
-def _dataset_line(d: dict) -> str:
+def _dataset_line(results: dict) -> str:
+    d = results["dataset"]
     counts = ", ".join(f"{s}: " + " / ".join(f"{n} {c}" for c, n in cs.items())
-                       for s, cs in d.get("counts", {}).items())
+                       for s, cs in d["counts"].items())
     if d.get("external"):
-        return (f"External evaluation of `{d.get('model', '?')}` on `{d.get('uri', '?')}` ({counts}): the test "
+        return (f"External evaluation of `{d['model']}` on `{d['uri']}` ({counts}): the test "
                 "columns score that data; validation figures and thresholds are the model's own, from training.")
-    from pneumonia_kfp.training import MIN_VAL_IMAGES
-
     carved = " Test split carved from train (grouped by patient)." if d.get("test_carved_from_train") else ""
-    n_val = sum(d.get("counts", {}).get("val", {}).values())
-    if n_val < MIN_VAL_IMAGES:
-        carved += (f" Its val split has {n_val} images (< {MIN_VAL_IMAGES}): each model validated on a "
-                   "patient-grouped carve-out of train + val instead (n in each model's val block).")
-    return f"Dataset `{d.get('uri', '?')}` ({counts}).{carved}"
+    # how each model was validated, as training recorded it (the ensemble has no training of its own)
+    sources = sorted({m["train"]["val_source"] for m in results["models"] if not m.get("members")})
+    if any(s != DATASET_VAL for s in sources):
+        carved += (f" Validation: {'; '.join(sources)}: each model validated on a patient-grouped carve-out "
+                   "of train + val instead of the dataset's val split (n in each model's val block).")
+    return f"Dataset `{d['uri']}` ({counts}).{carved}"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -200,7 +185,7 @@ def markdown(results: dict) -> str:
     lines = ["# Pneumonia classifier comparison", ""]
     if results["dataset"].get("synthetic"):
         lines += ["> **SYNTHETIC DATA: these numbers mean nothing about real X-rays.**", ""]
-    lines += [_dataset_line(results["dataset"]), ""]
+    lines += [_dataset_line(results), ""]
     lines += _md_table(HEADER, table_rows(results) + [seed_row()])
     lines += ["", _ci_note(results) + " The last row is the AIMI Lab1 seed's " + SEED_NOTE + ": not comparable."]
     if undefined_note(results):
@@ -333,7 +318,7 @@ def _html(results: dict, figs: dict[str, str], thumbs: str = "") -> str:
     e = html.escape
     best = results["best"]["backbone"] if results["best"] else None
     synthetic = results["dataset"].get("synthetic")
-    best_line = (f'<p class="winner"><b>Best model: {e(best)}</b> (green row) — rule: {e(BEST_RULE)}.</p>'
+    best_line = (f'<p class="winner"><b>Best model: {e(best)}</b> (green row) — rule: {e(results["best"]["rule"])}.</p>'
                  if best else "<p>No models.</p>")
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -344,7 +329,7 @@ def _html(results: dict, figs: dict[str, str], thumbs: str = "") -> str:
         f'<p class="small">{e(_ci_note(results))} Grey row: the AIMI Lab1 seed\'s {e(SEED_NOTE)} — '
         "a reference, not comparable.</p>",
         f'<p class="note">{e(undefined_note(results))}</p>' if undefined_note(results) else "",
-        '<p class="small">' + re.sub(r"`([^`]*)`", r"<code>\1</code>", e(_dataset_line(results["dataset"]))) + "</p>",
+        '<p class="small">' + re.sub(r"`([^`]*)`", r"<code>\1</code>", e(_dataset_line(results))) + "</p>",
         "<h2>Operating points (thresholds chosen on validation)</h2>",
         _html_table(OP_HEADER, operating_point_rows(results)), f'<p class="small">{e(SHIFT_NOTE)}</p>',
     ]
@@ -377,12 +362,12 @@ def html_report(results: dict, max_bytes: int = MAX_HTML_BYTES, images: dict | N
     return page
 
 
-def report(dataset: dict, models: list[dict], images: dict | None = None) -> tuple[dict, str, str, str]:
-    """(results.json content, Markdown, HTML, predictions CSV); the ensemble is added for 2+ models.
+def render(full: dict, images: dict | None = None) -> tuple[dict, str, str, str]:
+    """(results.json content, Markdown, HTML, predictions CSV) of the run's results (evaluation.combine's,
+    with the per-image predictions).
 
     ``images``: {test file: uint8 image} for the thumbnails of the most confident errors.
     """
-    full = combine(dataset, models)
     results = without_predictions(full)
     return results, markdown(results), html_report(full, images=images), predictions_csv(full)
 
@@ -409,9 +394,9 @@ def write_outputs(out, results: dict, md: str, page: str, csv: str) -> None:
     write_files({out / OUTPUT_FILES[key]: text for key, text in texts.items()})
 
 
-def report_from_store(dataset: dict, models: list[dict]) -> tuple[dict, str, str, str]:
-    """``report`` with the error thumbnails' images read from the dataset version in the store."""
+def render_from_store(full: dict) -> tuple[dict, str, str, str]:
+    """``render`` with the error thumbnails' images read from the dataset version in the store."""
     from pneumonia_kfp.data import StoredDataset
 
-    x, _, entries = StoredDataset(dataset["uri"]).split("test")
-    return report(dataset, models, images={e["path"]: x[i] for i, e in enumerate(entries)})
+    x, _, entries = StoredDataset(full["dataset"]["uri"]).split("test")
+    return render(full, images={e["path"]: x[i] for i, e in enumerate(entries)})

@@ -1,22 +1,25 @@
 """train: one backbone on a stored dataset; best epoch and threshold chosen on validation.
 
-The pieces: ``train_val_split`` (which images validate), ``Recipe`` (how the model learns beyond
-the run parameters), ``TrainingState`` (what a restarted task resumes from, its checkpoint keys
-listed once), ``run_epoch`` (one pass over the training images), ``validate`` (validation
-probability, loss and AUC) and ``select`` (the validation-chosen thresholds of the kept epoch).
+``train`` is ``load`` (the stored dataset's training and validation arrays, ``train_val_split``
+choosing which images validate) then ``fit`` (the model learned from those arrays). The pieces of
+``fit``: ``Recipe`` (how the model learns beyond the run parameters), ``TrainingState`` (what a
+restarted task resumes from, its checkpoint keys listed once), ``run_epoch`` (one pass over the
+training images), ``validate`` (validation probability, loss and AUC) and ``select`` (the
+validation-chosen thresholds of the kept epoch).
 """
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pneumonia_kfp import resume
 from pneumonia_kfp.data import DataError, StoredDataset, grouped_holdout, groups_of
-from pneumonia_kfp.params import check_run_params, default
+from pneumonia_kfp.documents import checkpoint_meta
+from pneumonia_kfp.params import RECIPE_DEFAULTS, check_run_params, default
 
 log = logging.getLogger(__name__)
 MIN_VAL_IMAGES = 100
@@ -43,16 +46,47 @@ def train_val_split(ds: StoredDataset, seed: int):
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How a model learns, beyond the run parameters (the ablation table's variables).
+class Split:
+    """One split's arrays: uint8 N×1×S×S images, their labels (class indices) and, for validation, the
+    manifest entries (file, patient) its predictions are recorded with."""
+    images: np.ndarray
+    labels: np.ndarray
+    entries: list[dict] = field(default_factory=list)
 
-    Defaults follow chest X-ray practice for robustness to other hospitals' images: photometric and
-    geometric augmentation, label smoothing 0.1 (Szegedy et al. 2016; Müller et al. 2019), and
-    selection on an exponential moving average of the weights (timm's ModelEmaV3 with warm-up).
-    """
-    augmentation: str = "default"  # a name in augmentation.POLICIES
-    label_smoothing: float = 0.1
-    ema: bool = True
+
+@dataclass(frozen=True)
+class TrainingData:
+    train: Split
+    val: Split
+    class_names: list[str]
+    val_source: str  # how the validation images were chosen, recorded with the model
+
+
+def load(dataset_uri: str, seed: int) -> TrainingData:
+    """The stored dataset's training and validation arrays (``train_val_split``: which images validate)."""
+    ds = StoredDataset(dataset_uri)
+    if len(ds.classes) != 2:
+        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
+    (tx, ty), (vx, vy, val_entries), val_source = train_val_split(ds, seed)
+    return TrainingData(Split(tx, ty), Split(vx, vy, val_entries), ds.classes, val_source)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model learns, beyond the run parameters (the ablation table's variables); the defaults and
+    why are params.RECIPE_DEFAULTS. ``record`` is what results.json shows."""
+    augmentation: str = RECIPE_DEFAULTS["augmentation"]  # a name in augmentation.POLICIES
+    label_smoothing: float = RECIPE_DEFAULTS["label_smoothing"]
+    weight_decay: float = RECIPE_DEFAULTS["weight_decay"]  # AdamW's (decoupled)
+    ema: bool = RECIPE_DEFAULTS["ema"]  # validate and keep a moving average of the weights
+    ema_decay: float = RECIPE_DEFAULTS["ema_decay"]  # ModelEmaV3's, with warm-up
+
+    def record(self) -> dict:
+        """The recipe with its augmentation policy's strengths spelled out (None: no augmentation)."""
+        from pneumonia_kfp.augmentation import POLICIES
+
+        policy = POLICIES[self.augmentation]
+        return {**asdict(self), "augmentation_strengths": None if policy is None else asdict(policy)}
 
 
 def to_device(array, device):
@@ -65,12 +99,12 @@ def to_device(array, device):
 
 def training_batch(images, idx, generator, mean: float, std: float, policy="default"):
     """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
-    import torch
 
     from pneumonia_kfp.augmentation import POLICIES, augment, normalize
+    from pneumonia_kfp.inference import device_layout
 
     x = normalize(augment(images[idx], generator, POLICIES[policy] if isinstance(policy, str) else policy), mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return device_layout(x, x.device)
 
 
 def training_step(model, x, y, loss_fn, optimizer, scaler):
@@ -129,7 +163,7 @@ class TrainingState:
         torch.set_rng_state(saved["cpu_rng"].cpu())
 
 
-@dataclass
+@dataclass(frozen=True)
 class EpochPlan:
     """What every epoch of one training run shares."""
     name: str
@@ -194,24 +228,24 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
 
     from pneumonia_kfp.backbones import create_backbone
     from pneumonia_kfp.device import amp_dtype
+    from pneumonia_kfp.inference import device_layout
 
-    model = create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = device_layout(create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device),
+                          device)
     ema = None
     if recipe.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=0.9998, use_warmup=True)
+        ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True)
     # fused: the step counts and the grad scaler's inf check stay on the device (no read-back each step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=recipe.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * plan_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     generator = torch.Generator(device=device).manual_seed(seed)
     return TrainingState(model, ema, optimizer, scheduler, scaler, generator)
 
 
-def select(state: TrainingState, vx, vy, val_entries, classes, mean, std, threshold_rule: str, tta: bool,
+def select(state: TrainingState, val: Split, class_names: list[str], mean, std, threshold_rule: str, tta: bool,
            seed: int) -> dict:
     """Load the kept epoch's weights; its validation predictions, thresholds of every rule and report."""
     from pneumonia_kfp.inference import predictions_block
@@ -219,13 +253,14 @@ def select(state: TrainingState, vx, vy, val_entries, classes, mean, std, thresh
 
     model = state.model
     model.load_state_dict(state.best["state"])
-    prob = validate(model, vx, vy, mean, std, tta=True)["prob"] if tta else state.best["prob"].cpu().numpy()
-    rules = thresholds(vy, prob)
+    prob = validate(model, val.images, val.labels, mean, std, tta=True)["prob"] if tta \
+        else state.best["prob"].cpu().numpy()
+    rules = thresholds(val.labels, prob)
     return {
         "threshold_rule": threshold_rule, "threshold": rules[threshold_rule], "thresholds": rules, "tta": tta,
-        "val": classification_report(vy, prob, rules[threshold_rule], classes, ci_seed=seed,
-                                     groups=groups_of(val_entries)),
-        "val_predictions": predictions_block(val_entries, vy, prob),
+        "val": classification_report(val.labels, prob, rules[threshold_rule], class_names, ci_seed=seed,
+                                     groups=groups_of(val.entries)),
+        "val_predictions": predictions_block(val.entries, val.labels, prob),
     }
 
 
@@ -235,79 +270,119 @@ def improves(row: dict, best: dict | None) -> bool:
     return best is None or (row["val_auc"], -row["val_loss"]) > (best["val_auc"], -best["val_loss"])
 
 
+@dataclass(frozen=True)
+class Run:
+    """The run parameters one model's fit takes (params' names and defaults)."""
+    backbone: str
+    epochs: int = default("epochs")
+    batch_size: int = default("batch_size")
+    learning_rate: float = default("learning_rate")
+    seed: int = default("seed")
+    pretrained: bool = default("pretrained")
+    weights: str = default("pretrained_weights")
+    compile_model: bool = default("compile_model")
+    threshold_rule: str = default("threshold_rule")
+    tta: bool = default("tta")
+
+
+def fit(train: Split, val: Split, recipe: Recipe, run: Run, device, class_names: list[str], states=None):
+    """Learn ``run.backbone`` from ``train``, keep the epoch with the best validation AUC and pick the
+    thresholds on ``val``. ``states``: where the training state is saved after every epoch and resumed
+    from (resume.state_store), None: nowhere. Returns (the model with the kept epoch's weights, its record:
+    normalisation, best epoch, timings, history and ``select``'s thresholds and validation figures)."""
+    import torch
+
+    from pneumonia_kfp.backbones import grayscale_normalization
+    from pneumonia_kfp.telemetry import TrainTelemetry
+
+    torch.manual_seed(run.seed)
+    # the whole uint8 training set lives on the device; batches are indexed there
+    images, labels = to_device(train.images, device), to_device(train.labels, device)
+    steps = max(1, len(images) // run.batch_size)
+    state = build_state(run.backbone, device, steps, run.epochs, run.learning_rate, run.seed, recipe, run.pretrained,
+                        run.weights)
+    mean, std = grayscale_normalization(state.model)
+    plan = EpochPlan(run.backbone, run.epochs, images, labels, run.batch_size, mean, std, recipe.augmentation,
+                     balanced_loss(labels, recipe.label_smoothing),
+                     torch.compile(state.model) if run.compile_model else state.model)
+    saved = resume.load(states) if states is not None else None
+    if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
+        state.load_state_dict(saved)
+        log.warning("%s: resuming after epoch %d from %s", run.backbone, state.epoch, states.uri_of("last.pt"))
+    # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
+    telemetry = TrainTelemetry(run.backbone, run.epochs, history=state.history,
+                               samples_per_epoch=min(plan.steps * run.batch_size, len(images)))
+    while state.epoch < run.epochs:
+        row = fit_epoch(state, plan, val)
+        telemetry.epoch_done(row, samples=row["images"])
+        if states is not None:
+            resume.save(states, state.state_dict())
+    telemetry.done()
+    chosen = select(state, val, class_names, mean, std, run.threshold_rule, run.tta, run.seed)
+    return state.model, {
+        "mean": mean, "std": std, "best_epoch": state.best["epoch"], "seconds": state.train_seconds,
+        "images_per_second": sum(r["images"] for r in state.history) / state.train_seconds,
+        "history": state.history, **chosen,
+    }
+
+
+def balanced_loss(labels, label_smoothing: float):
+    """Cross-entropy with class weights that make both classes weigh the same (the rare class weighs more)."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=2).float()
+    return torch.nn.CrossEntropyLoss(weight=counts.sum() / (2 * counts.clamp(min=1)), label_smoothing=label_smoothing)
+
+
+def fit_epoch(state: TrainingState, plan: EpochPlan, val: Split) -> dict:
+    """One epoch and its validation; the state's history, clock and best epoch updated. Returns its row."""
+    import torch
+
+    row = run_epoch(state, plan)
+    scored = validate(state.eval_model, val.images, val.labels, plan.mean, plan.std)
+    row.update(val_loss=scored["val_loss"], val_auc=scored["val_auc"])
+    state.history.append(row)
+    state.train_seconds += row["seconds"]
+    state.epoch = row["epoch"]
+    if improves(row, state.best):
+        state.best = {**row, "state": copy.deepcopy(state.eval_model.state_dict()),
+                      "prob": torch.from_numpy(scored["prob"])}
+    log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", plan.name, state.epoch,
+             plan.epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["images_per_second"])
+    return row
+
+
 def train(
     dataset_uri: str, backbone: str, checkpoint_path: str, epochs: int = default("epochs"),
     batch_size: int = default("batch_size"), learning_rate: float = default("learning_rate"),
-    seed: int = default("seed"), pretrained: bool = False, weights: str = "", compile_model: bool = False,
-    threshold_rule: str = default("threshold_rule"), tta: bool = default("tta"), recipe: Recipe = Recipe(),
+    seed: int = default("seed"), pretrained: bool = default("pretrained"), weights: str = default("pretrained_weights"),
+    compile_model: bool = default("compile_model"), threshold_rule: str = default("threshold_rule"),
+    tta: bool = default("tta"), recipe: Recipe = Recipe(),
 ) -> dict:
-    """Train, keep the epoch with the best validation AUC, pick the thresholds on validation.
+    """``load`` the stored dataset, ``fit`` the backbone, write the checkpoint to ``checkpoint_path``.
 
-    Writes the checkpoint to ``checkpoint_path`` and returns its metadata (history, timings,
-    validation metrics at the ``threshold_rule`` threshold, every rule's threshold).
+    Returns the checkpoint's metadata (history, timings, validation metrics at the ``threshold_rule``
+    threshold, every rule's threshold). A restarted task resumes from its last finished epoch.
     """
-    import torch
-
     from pneumonia_kfp import device as devices
-    from pneumonia_kfp.backbones import grayscale_normalization, save_checkpoint
-    from pneumonia_kfp.telemetry import TrainTelemetry
+    from pneumonia_kfp.backbones import save_checkpoint
 
     check_run_params({"backbones": [backbone], "epochs": epochs, "batch_size": batch_size,
                       "learning_rate": learning_rate, "seed": seed, "threshold_rule": threshold_rule, "tta": tta})
     device = devices.select_device()  # first: a GPU task without a usable GPU fails before any work
-    torch.manual_seed(seed)
-    ds = StoredDataset(dataset_uri)
-    if len(ds.classes) != 2:
-        raise DataError(f"{dataset_uri} has classes {ds.classes}: this pipeline classifies exactly 2")
-    (tx, ty), (vx, vy, val_entries), val_source = train_val_split(ds, seed)
-
-    # the whole uint8 training set lives on the device; batches are indexed there
-    images, labels = to_device(tx, device), to_device(ty, device)
-    counts = torch.bincount(labels, minlength=2).float()
-    class_weight = counts.sum() / (2 * counts.clamp(min=1))  # balanced: rare class weighs more
-    plan = EpochPlan(backbone, epochs, images, labels, batch_size, 0.0, 1.0, recipe.augmentation,
-                     torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=recipe.label_smoothing), None)
-    state = build_state(backbone, device, plan.steps, epochs, learning_rate, seed, recipe, pretrained, weights)
-    plan.mean, plan.std = grayscale_normalization(state.model)
-    plan.step_model = torch.compile(state.model) if compile_model else state.model
-
+    data = load(dataset_uri, seed)
+    run = Run(backbone, epochs, batch_size, learning_rate, seed, pretrained, weights, compile_model, threshold_rule,
+              tta)
     states = resume.state_store(dataset_uri, {
         "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "pretrained": pretrained, "weights": weights, "recipe": asdict(recipe),
+        "seed": seed, "pretrained": pretrained, "weights": weights, "recipe": recipe.record(),
         **devices.identity(device),
     })
-    saved = resume.load(states)
-    if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
-        state.load_state_dict(saved)
-        log.warning("%s: resuming after epoch %d from %s", backbone, state.epoch, states.uri_of("last.pt"))
-    # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
-    telemetry = TrainTelemetry(backbone, epochs, history=state.history,
-                               samples_per_epoch=min(plan.steps * batch_size, len(images)))
-    while state.epoch < epochs:
-        row = run_epoch(state, plan)
-        val = validate(state.eval_model, vx, vy, plan.mean, plan.std)
-        row.update(val_loss=val["val_loss"], val_auc=val["val_auc"])
-        state.history.append(row)
-        state.train_seconds += row["seconds"]
-        state.epoch = row["epoch"]
-        telemetry.epoch_done(row, samples=row["images"])
-        best = state.best
-        if improves(row, best):
-            state.best = {**row, "state": copy.deepcopy(state.eval_model.state_dict()),
-                          "prob": torch.from_numpy(val["prob"])}
-        resume.save(states, state.state_dict())
-        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", backbone, state.epoch,
-                 epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["images_per_second"])
-
-    chosen = select(state, vx, vy, val_entries, ds.classes, plan.mean, plan.std, threshold_rule, tta, seed)
-    meta = {
-        "backbone": backbone, "classes": ds.classes, "image_size": int(tx.shape[-1]),
-        "mean": plan.mean, "std": plan.std, "epochs": epochs, "best_epoch": state.best["epoch"],
-        "pretrained": pretrained, "dataset_uri": dataset_uri, "val_source": val_source, "recipe": asdict(recipe),
-        "seconds": state.train_seconds,
-        "images_per_second": sum(r["images"] for r in state.history) / state.train_seconds,
-        "history": state.history, "device": str(device), **chosen,
-    }
-    save_checkpoint(checkpoint_path, state.model, **meta)
-    telemetry.done()
+    model, fitted = fit(data.train, data.val, recipe, run, device, data.class_names, states)
+    meta = checkpoint_meta(
+        backbone=backbone, classes=data.class_names, image_size=int(data.train.images.shape[-1]), epochs=epochs,
+        pretrained=pretrained, dataset_uri=dataset_uri, val_source=data.val_source, recipe=recipe.record(),
+        device=str(device), **fitted,
+    )
+    save_checkpoint(checkpoint_path, model, **meta)
     return meta

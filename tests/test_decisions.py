@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from pneumonia_kfp.documents import RESULT_FORMAT, RESULTS_FORMAT
+from pneumonia_kfp.evaluation import BEST_RULE, combine
 from pneumonia_kfp.metrics import (
     bootstrap_ci,
     choose_threshold,
@@ -18,7 +20,7 @@ from pneumonia_kfp.metrics import (
     roc_points,
     sensitivity_threshold,
 )
-from pneumonia_kfp.report import BEST_RULE, combine, markdown
+from pneumonia_kfp.report import markdown
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
@@ -240,10 +242,13 @@ def _model(name: str, val_auc: float, val_f1: float, test_auc: float, test_f1: f
     # per-image predictions the report's ensemble averages: the same uninformative 0.5 for every image, so
     # the ensemble's validation AUC is 0.5 and it never outranks the models under test
     same = {"file": [f"{i}.png" for i in range(8)], "patient": [None] * 8, "label": [0, 1] * 4, "prob": [0.5] * 8}
-    return {"backbone": name, "image_size": 32, "epochs": 2, "pretrained": False, "threshold": 0.5,
-            "threshold_rule": "balanced", "test": {**block, "auc": test_auc, "f1": test_f1},
-            "val": {**block, "auc": val_auc, "f1": val_f1},
-            "train": {"seconds": 1.0, "images_per_second": 10.0, "best_epoch": 1},
+    return {"format": RESULT_FORMAT, "backbone": name, "image_size": 32, "epochs": 2, "pretrained": False,
+            "tta": False, "parameters": 1000, "threshold": 0.5, "threshold_rule": "balanced",
+            "thresholds": {"balanced": 0.5}, "test": {**block, "auc": test_auc, "f1": test_f1},
+            "val": {**block, "auc": val_auc, "f1": val_f1}, "operating_points": [],
+            "roc": {"fpr": [0, 1], "tpr": [0, 1], "thresholds": [1, 0]},
+            "train": {"seconds": 1.0, "images_per_second": 10.0, "best_epoch": 1, "history": [],
+                      "val_source": "dataset val split"},
             "predictions": {"val": dict(same), "test": dict(same)}}
 
 
@@ -285,4 +290,4 @@ def test_equal_validation_auc_goes_to_the_higher_validation_f1():
 
 
 def test_no_models_means_no_best():
-    assert combine({"uri": "u"}, []) == {"dataset": {"uri": "u"}, "models": [], "best": None}
+    assert combine({"uri": "u"}, []) == {"format": RESULTS_FORMAT, "dataset": {"uri": "u"}, "models": [], "best": None}

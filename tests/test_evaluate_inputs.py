@@ -18,14 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumonia_kfp import evaluation
 from pneumonia_kfp.backbones import create_backbone, load_checkpoint
 from pneumonia_kfp.data import DataError
-from pneumonia_kfp.evaluation import evaluate, evaluate_folder
+from pneumonia_kfp.evaluation import evaluate
 from pneumonia_kfp.export import CHECKPOINT
 from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
+from pneumonia_kfp.pipelines import evaluate_folder as evaluate_folder_module
 from pneumonia_kfp.pipelines.cli import main
+from pneumonia_kfp.pipelines.evaluate_folder import evaluate_folder
 from pneumonia_kfp.training import train
 from pneumonia_kfp.validation import load_image
 from tests.hostile import special_files
@@ -241,7 +242,7 @@ def test_an_unexpected_error_is_one_line_and_a_log_with_the_traceback(tmp_path, 
     def broken(*args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(evaluation, "evaluate_folder", broken)
+    monkeypatch.setattr(evaluate_folder_module, "evaluate_folder", broken)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     argv = ["evaluate", "--model", "m", "--data", "d", "--output", str(tmp_path / "o")]
     assert main(argv) == 1
@@ -263,7 +264,7 @@ def test_a_full_disk_nobody_named_is_one_line_at_the_boundary(tmp_path, capsys, 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device", "/scratch/rows.u8")
 
-    monkeypatch.setattr(evaluation, "evaluate_folder", full)
+    monkeypatch.setattr(evaluate_folder_module, "evaluate_folder", full)
     assert main(["evaluate", "--model", "m", "--data", "d", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unexpected" not in err

@@ -10,18 +10,20 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
+from pneumonia_kfp.augmentation import DEFAULT_POLICY
 from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.data import StoredDataset
-from pneumonia_kfp.evaluation import evaluate, ui_scalars
+from pneumonia_kfp.evaluation import BEST_RULE, best_model, combine, evaluate, ui_scalars
 from pneumonia_kfp.export import CHECKPOINT, export_model, load_onnx, load_pt2
 from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
-from pneumonia_kfp.report import BEST_RULE, HEADER, MAX_HTML_BYTES, best_model, html_report, report
+from pneumonia_kfp.report import HEADER, MAX_HTML_BYTES, html_report, render
 from pneumonia_kfp.training import TrainingState, train, train_val_split
 
 
@@ -63,7 +65,10 @@ def test_train_picks_best_epoch_and_threshold_on_validation(trained):
     # every rule's threshold from validation; the default is the named rule's
     assert set(meta["thresholds"]) == {"balanced", "youden", "sensitivity95"} and meta["thresholds"]["balanced"] == 0.5
     assert meta["threshold_rule"] == "balanced" and meta["threshold"] == 0.5
-    assert meta["recipe"] == {"augmentation": "default", "label_smoothing": 0.1, "ema": True}
+    # every hyperparameter of the recipe is recorded, the augmentation's strengths spelled out
+    assert meta["recipe"] == {"augmentation": "default", "label_smoothing": 0.1, "weight_decay": 1e-4, "ema": True,
+                              "ema_decay": 0.9998, "augmentation_strengths": asdict(DEFAULT_POLICY)}
+    assert meta["recipe"]["augmentation_strengths"]["rotation"] == (-10.0, 10.0)
     vp = meta["val_predictions"]
     assert len(vp["prob"]) == len(vp["file"]) == meta["val"]["n"] and all(f.startswith("train/") for f in vp["file"])
     assert meta["val"]["bootstrap"]["unit"] == "patient"  # synthetic files carry patient ids, two images each
@@ -161,7 +166,7 @@ def _test_images(dataset):
 
 
 def test_report_compares_every_model_and_their_ensemble(dataset, evaluated):
-    results, md, page, _ = report(dataset, evaluated, images=_test_images(dataset))
+    results, md, page, _ = render(combine(dataset, evaluated), images=_test_images(dataset))
     assert [m["backbone"] for m in results["models"]] == ["efficientnet_b0", "resnet18", "ensemble"]
     best = best_model(results["models"])["backbone"]
     assert results["best"] == {"backbone": best, "rule": BEST_RULE}
@@ -169,7 +174,9 @@ def test_report_compares_every_model_and_their_ensemble(dataset, evaluated):
         assert f"| {name} |" in md and f"<td>{name}</td>" in page
     assert f"Best model: {best}" in md and "selected on test in the original" in md
     assert "SYNTHETIC DATA" in md and "SYNTHETIC DATA" in page  # the dataset came from make_synthetic
-    assert "Its val split has 0 images (< 100): each model validated on a patient-grouped carve-out" in md
+    # what training recorded (val_source), not the carve rule re-derived
+    assert "Validation: carved from train: " in md and "(dataset val had 0 < 100)" in md
+    assert "each model validated on a patient-grouped carve-out" in md
     assert "## Operating points" in md and "sensitivity95" in md and "balanced (default)" in md
     figures = re.findall(r'<img alt="[^"]*(?:ROC|training curves)[^"]*" src="data:image/png;base64,', page)
     assert len(figures) == 4  # ROC + one per model + the ensemble's confusion matrix
@@ -204,7 +211,7 @@ def test_predictions_csv_has_every_image_and_model(dataset, evaluated):
     import csv
     import io
 
-    _, _, _, text = report(dataset, evaluated)
+    _, _, _, text = render(combine(dataset, evaluated))
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == ["split", "file", "patient", "label", "prob_efficientnet_b0", "prob_resnet18",
                              "prob_ensemble"]
@@ -229,7 +236,7 @@ def test_report_shows_the_most_confident_test_errors(dataset, evaluated):
     block = model["predictions"]["test"]
     negatives = sorted((p for p, y in zip(block["prob"], block["label"], strict=True) if y == 0), reverse=True)
     assert [e["prob"] for e in errors] == negatives[:4] and all(e["label"] == 0 for e in errors)
-    results, _, page, _ = report(dataset, evaluated, images=_test_images(dataset))
+    results, _, page, _ = render(combine(dataset, evaluated), images=_test_images(dataset))
     best = next(m for m in results["models"] if m["backbone"] == results["best"]["backbone"])
     (_, fp), (fn, _) = best["test"]["confusion_matrix"]
     thumbs = re.findall(r'<figure><img alt="false (positive|negative)" src="data:image/png;base64,', page)
@@ -238,7 +245,7 @@ def test_report_shows_the_most_confident_test_errors(dataset, evaluated):
 
 
 def test_report_table_has_every_figure_with_confidence_intervals(dataset, evaluated):
-    results, md, page, _ = report(dataset, evaluated)
+    results, md, page, _ = render(combine(dataset, evaluated))
     header = next(line for line in md.splitlines() if line.startswith("| backbone"))
     for column in ("parameters", "accuracy % (95% CI)", "F1 (95% CI)", "sensitivity % (95% CI)",
                    "specificity % (95% CI)", "AUC (95% CI)", "train time", "img/s"):
@@ -276,7 +283,7 @@ def test_report_html_stays_under_2_mb_with_many_models(dataset, evaluated):
         m["backbone"] = f"{m['backbone']}_{i}"
         m["train"]["history"] = [dict(m["train"]["history"][0], epoch=e, val_auc=0.5 + e / 100) for e in range(1, 41)]
         models.append(m)
-    results, _, page, _ = report(dataset, models, images=_test_images(dataset))
+    results, _, page, _ = render(combine(dataset, models), images=_test_images(dataset))
     assert len(page.encode()) <= MAX_HTML_BYTES
     assert len(re.findall(r'<img alt="[^"]*(?:ROC|training curves)', page)) == 14  # ROC, 12 models, ensemble
     full = {**results, "models": [*sorted(models, key=lambda m: m["backbone"]), results["models"][-1]]}
@@ -296,7 +303,8 @@ def _external_folder(root, with_test_dir: bool):
 
 @pytest.mark.parametrize("with_test_dir", [True, False])
 def test_evaluate_scores_a_model_on_another_image_folder(trained, tmp_path, with_test_dir):
-    from pneumonia_kfp.evaluation import evaluate_folder, load_folder
+    from pneumonia_kfp.evaluation import load_folder
+    from pneumonia_kfp.pipelines.evaluate_folder import evaluate_folder
 
     data = _external_folder(tmp_path, with_test_dir)
     path, meta = trained["resnet18"]
@@ -336,7 +344,7 @@ def test_external_data_in_the_same_run(dataset, trained, tmp_path):
     assert r["external"]["n"] == 12 and r["test"]["n"] == 24
     assert all("external" in op for op in r["operating_points"])
     assert {"external_accuracy", "external_auc_ci95_low"} <= set(ui_scalars(r))
-    _, md, _, csv_text = report(dataset, [r])
+    _, md, _, csv_text = render(combine(dataset, [r]))
     assert "## External data" in md and csv_text.count("\nexternal,") == 12
 
 
@@ -360,7 +368,7 @@ def test_resume_key_follows_the_code(tmp_path, monkeypatch):
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def render(html_file, tmp_path, size=(1280, 1400)):
+def screenshot(html_file, tmp_path, size=(1280, 1400)):
     """Screenshot ``html_file`` in headless Chromium; (PNG path, URLs the page requested).
 
     Chromium's network log records every URL request; requests of the browser itself (updater,
@@ -392,16 +400,16 @@ def _pixels(png):
 def test_chromium_network_check_catches_an_external_reference(tmp_path):
     page = tmp_path / "leaky.html"
     page.write_text('<!doctype html><p>x</p><img src="http://example.invalid/chart.png">')
-    _, urls = render(page, tmp_path, size=(400, 300))
+    _, urls = screenshot(page, tmp_path, size=(400, 300))
     assert urls == ["http://example.invalid/chart.png"]
 
 
 def test_html_report_renders_in_chromium_without_network(dataset, evaluated, tmp_path):
-    _, _, page, _ = report(dataset, evaluated, images=_test_images(dataset))
+    _, _, page, _ = render(combine(dataset, evaluated), images=_test_images(dataset))
     assert not re.search(r"https?://", page)  # no external URL anywhere in the page
     html_file = tmp_path / "report.html"
     html_file.write_text(page)
-    png, urls = render(html_file, tmp_path, size=(1280, 2400))  # down to the ROC plot, below the tables
+    png, urls = screenshot(html_file, tmp_path, size=(1280, 2400))  # down to the ROC plot, below the tables
     assert urls == []
     px = _pixels(png)
     assert px.shape[:2] == (2400, 1280)
