@@ -231,6 +231,17 @@ class FakeApiServer(ThreadingHTTPServer):
         c.host = self.url
         return client.ApiClient(c)
 
+    def conditions(self, job: dict) -> list[dict]:
+        conditions = self.script[min(self.reads, len(self.script) - 1)]
+        self.reads += 1
+        if conditions and conditions[-1]["type"] in ("Succeeded", "Complete") and self.on_success:
+            self.on_success(job)
+            self.on_success = None
+        return conditions
+
+    def pod_log(self) -> bytes:
+        return self.log
+
     def methods(self) -> list[str]:
         return [f"{m} {p.split('?')[0].rsplit('/', 1)[-1]}" for m, p in self.calls if "/pods" not in p]
 
@@ -283,17 +294,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, s.jobs.pop(name))
         job = s.jobs[name]
         if "status" not in job or job["status"].get("fake") is not False:  # a job this server runs
-            job["status"] = {"conditions": s.script[min(s.reads, len(s.script) - 1)]}
-            s.reads += 1
-            if job["status"]["conditions"] and job["status"]["conditions"][-1]["type"] in ("Succeeded", "Complete") \
-                    and s.on_success:
-                s.on_success(job)
-                s.on_success = None
+            job["status"] = {"conditions": s.conditions(job)}
         return self.reply(200, job)
 
     def pods(self, parts, query):
         if parts[-1] == "log":
-            return self.reply(200, self.server.log, "text/plain")
+            return self.reply(200, self.server.pod_log(), "text/plain")
         wanted = dict(kv.split("=") for kv in query.get("labelSelector", [""])[0].split(",") if kv)
         items = [p for p in self.server.pods if wanted.items() <= p["metadata"]["labels"].items()]
         self.reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
@@ -460,3 +466,75 @@ def test_rbac_lets_the_pipeline_runner_launch_and_nothing_more():
         binding = next(o for o in objects if o["kind"] == "RoleBinding")
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+class LocalEngine(FakeApiServer):
+    """A PyTorchJob that really runs: each node's container command as a process on this machine, with the
+    environment the Training Operator gives it (PET_NODE_RANK, PET_MASTER_ADDR/PORT, WORLD_SIZE, RANK ...)
+    and the manifest's own variables; Running while they run, then Succeeded or Failed by their exit codes."""
+
+    def __init__(self, rank0_log: Path):
+        super().__init__({"kubeflow.org/v1"}, [[]], pods=[pod("job-master-0", MASTER)])
+        self.procs: list[subprocess.Popen] = []
+        self.rank0_log = rank0_log
+
+    def start(self, job: dict) -> None:
+        from tests.conftest import free_port
+
+        spec = job["spec"]["pytorchReplicaSpecs"]
+        nodes = sum(r["replicas"] for r in spec.values())
+        container = spec["Master"]["template"]["spec"]["containers"][0]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})  # the store is a file://
+        port = str(free_port())
+        command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
+        for rank in range(nodes):
+            pet = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PET_MASTER_ADDR": "127.0.0.1",
+                   "PET_MASTER_PORT": port, "WORLD_SIZE": str(nodes * int(job["spec"]["nprocPerNode"])),
+                   "RANK": str(rank), "PET_NODE_RANK": str(rank), "PET_NNODES": str(nodes),
+                   "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"]}
+            with open(self.rank0_log if rank == 0 else os.devnull, "wb") as out:
+                self.procs.append(subprocess.Popen(command, env={**env, **pet}, stdout=out, stderr=subprocess.STDOUT))
+
+    def conditions(self, job: dict) -> list[dict]:
+        if not self.procs:
+            self.start(job)
+        codes = [p.poll() for p in self.procs]
+        if None in codes:
+            return cond("Created", "Running")
+        if any(codes):
+            return cond("Created", "Running", "Failed", reason="PyTorchJobFailed", message=f"exit codes {codes}")
+        return cond("Created", "Running", "Succeeded")
+
+    def pod_log(self) -> bytes:
+        while any(p.poll() is None for p in self.procs):  # follow=True: the log ends when the container does
+            time.sleep(0.1)
+        return self.rank0_log.read_bytes()
+
+
+def test_the_jobs_command_trains_across_two_local_nodes(tmp_path):
+    """The launch as far as this machine goes: the PyTorchJob's command, run as two CPU "nodes" under the
+    environment the engine sets, trains, exports and hands the model back to the launcher."""
+    from pneumonia_kfp.ingest import ingest
+    from pneumonia_kfp.job_launcher import run_training_job
+
+    server = LocalEngine(tmp_path / "rank0.log")
+    uri = ingest(str(make_folder(tmp_path)), (tmp_path / "store").as_uri(), image_size=32)["uri"]
+
+    out = _Out()
+    config = JobConfig(engine="pytorchjob", nodes=2, gpus_per_node=0, image="i:1", env={"PYTHONHASHSEED": "0"})
+    meta = run_training_job(config.to_json(), uri, "resnet18", str(tmp_path / "model"), "task-1",
+                            {"epochs": 1, "batch_size": 16, "seed": 0}, client=server.client(), namespace="team-a",
+                            poll=0.2, out=out)
+    assert [p.returncode for p in server.procs] == [0, 0], out.text
+    assert meta["backbone"] == "resnet18" and meta["best_epoch"] == 1 and "onnx" in str(meta["formats"])
+    assert {"checkpoint.pt", "model.onnx", "model.pt2", "metadata.json"} <= {
+        p.name for p in (tmp_path / "model").iterdir()}
+    assert "rank 0" in out.text and "PyTorchJob team-a/" in out.text and "Succeeded" in out.text
+    assert server.jobs == {}
+
+
+def make_folder(tmp_path):
+    from pneumonia_kfp.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path / "xray", {"train": 24, "test": 8}, size=48)
