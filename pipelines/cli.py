@@ -107,6 +107,17 @@ def serve_cmd(args) -> int:
     return 0
 
 
+@stoppable
+def deploy_cmd(args) -> int:
+    from pneumonia_kfp.deploy import command
+    from pneumonia_kfp.pipelines.settings import from_args as settings_from_args
+
+    print(command(args.name, settings_from_args(args), model=args.model, run=args.run, namespace=args.namespace,
+                  storage=args.storage, registry=args.model_registry, dry_run=args.dry_run, timeout=args.timeout),
+          end="")
+    return 0
+
+
 def compile_pipeline(args, output: str):
     """The cluster pipeline, with the platform settings from file, environment and flags, to ``output``;
     the settings."""
@@ -210,6 +221,25 @@ def parser() -> argparse.ArgumentParser:
                    help="the threshold chosen on validation by this rule (default: the model's own rule)")
     d.add_argument("--output", metavar="FILE", help="also write the predictions to FILE.csv or FILE.json")
     d.set_defaults(func=predict_cmd)
+
+    y = sub.add_parser("deploy", help="serve the best model (by validation) as a KServe InferenceService; "
+                       "--dry-run prints the objects")
+    source = y.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model directory: OUT/models/<backbone> of run-local")
+    source.add_argument("--run", help="a run-local output folder, or a run's results.json: its best model by "
+                        "validation")
+    y.add_argument("--name", required=True, help="the InferenceService's name (its ServiceAccount's too)")
+    y.add_argument("--namespace", help="default: the kube config context's namespace")
+    y.add_argument("--storage", help="s3:// store the model is copied to for KServe (default: the setting "
+                   "`storage`: s3://mlpipeline/private/NAMESPACE/pneumonia-kfp)")
+    y.add_argument("--model-registry", default=os.environ.get("PNEUMONIA_KFP_MODEL_REGISTRY", ""), metavar="URL",
+                   help="register the model in this Kubeflow Model Registry (http(s)://host:port; default: "
+                   "$PNEUMONIA_KFP_MODEL_REGISTRY, unset: no registration)")
+    y.add_argument("--timeout", type=float, default=900, help="seconds to wait for Ready (default: 900)")
+    y.add_argument("--dry-run", action="store_true", help="print the Secret, ServiceAccount and InferenceService as "
+                   "YAML (the Secret's values redacted); apply nothing")
+    add_settings_arguments(y)
+    y.set_defaults(func=deploy_cmd)
 
     v = sub.add_parser("serve", help="answer HTTP requests with the model: KServe's model server (Open Inference "
                        "Protocol v2, KServe v1, Prometheus /metrics)")

@@ -1,4 +1,5 @@
-"""The pipeline: start, ingest -> train-and-evaluate { ParallelFor(backbones) { train -> evaluate } } -> report.
+"""The pipeline: start, ingest -> train-and-evaluate { ParallelFor(backbones) { train -> evaluate } } -> report
+[-> deploy, only when serve_name is set].
 
 Its parameters, their defaults and their descriptions come from pneumonia_kfp.params.PARAMS.
 
@@ -12,6 +13,9 @@ they all run:
   not resolve that placeholder.
 * No ``set_display_name`` on tasks whose outputs are consumed (drivers < 2.14 look producers up by it).
 * The Kubernetes platform spec without the fields older drivers reject (:func:`compatible_platform_spec`).
+* The optional deploy step sits in a ``dsl.If`` on ``serve_name``: a condition every backend runs. Its
+  outputs (the service's URL) stay on the task: a pipeline output from a conditional branch needs
+  ``dsl.OneOf``, which backends before 2.8 cannot run.
 """
 import inspect
 import logging
@@ -21,9 +25,10 @@ from google.protobuf import json_format
 from kfp import compiler, dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from pneumonia_kfp.components.deploy import deploy_op
 from pneumonia_kfp.components.evaluate import evaluate_op
 from pneumonia_kfp.components.ingest import ingest_op
-from pneumonia_kfp.components.kfp_defaults import image_mismatch
+from pneumonia_kfp.components.kfp_defaults import BASE_IMAGE, image_mismatch
 from pneumonia_kfp.components.report import report_op
 from pneumonia_kfp.components.start import start_op
 from pneumonia_kfp.components.train import train_op
@@ -45,6 +50,7 @@ PIPELINE_NAME = "pneumonia-kfp"
 # the run parameters train takes besides the dataset and its backbone
 TRAIN_PARAMS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "pretrained_weights", "compile_model",
                 "threshold_rule", "tta")
+DEPLOY_TIMEOUT_SECONDS = 900  # how long deploy waits for the InferenceService to become Ready
 
 Outputs = NamedTuple("Outputs", [("results", dsl.Artifact), ("report_md", dsl.Markdown), ("report_html", dsl.HTML),
                                  ("predictions", dsl.Artifact)])
@@ -105,8 +111,14 @@ def build_pipeline(max_parallel: int = default("max_parallel"), settings: Option
                                  **{n: p[n] for n in TRAIN_PARAMS})
         report = report_op(dataset=ingest.outputs["dataset"], run_dir=start.outputs["run_dir"],
                            backbones=p["backbones"]).after(models)
+        with dsl.If(p["serve_name"] != ""):
+            deploy = deploy_op(summary=report.outputs["summary"], storage=p["storage"], serve_name=p["serve_name"],
+                               image=settings.image if settings else BASE_IMAGE,
+                               timeout_seconds=DEPLOY_TIMEOUT_SECONDS)
         if settings is not None:
             configure(settings, start=start, ingest=ingest, report=report)
+            # deploy is as light as start (a few API calls, one model copy): start's resources, the store's Secret
+            configure(settings, start=deploy)
         return Outputs(results=report.outputs["summary"], report_md=report.outputs["markdown"],
                        report_html=report.outputs["html"], predictions=report.outputs["predictions"])
 

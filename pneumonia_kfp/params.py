@@ -108,6 +108,8 @@ PARAMS: tuple[Param, ...] = (
     Param("tta", bool, False, "test-time augmentation: average the probability over 5 shifted/zoomed views"),
     Param("external_data", str, "", "a second ImageFolder (its test/ or class folders) every model is also "
           "scored on: a directory, file:// or s3://"),
+    Param("serve_name", str, "", "after the report, serve the best model by validation as this KServe "
+          "InferenceService in the run's namespace (and register it when a Model Registry is set); empty: no deploy"),
     Param("max_parallel", int, 2, "training tasks at a time (fixed when the pipeline is compiled)",
           minimum=1, maximum=64, pipeline=False),
 )
@@ -172,6 +174,10 @@ def check_run_params(params: dict) -> dict:
         from pneumonia_kfp.backbones import PretrainedWeights
 
         PretrainedWeights(params["pretrained_weights"]).check(params.get("backbones") or [])
+    if params.get("serve_name"):  # a Kubernetes name: checked before any training, not in the deploy step
+        from pneumonia_kfp.service_name import check_name
+
+        check_name(params["serve_name"])
     return params
 
 

@@ -33,6 +33,8 @@ from tests.hostile import special_files
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 COMMANDS = ["ingest", "evaluate"]
+# and the pipeline's evaluate step on its external_data (evaluation.evaluate, what the component calls)
+READERS = [*COMMANDS, "external"]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,12 @@ def model(dataset, tmp_path_factory):
     return out, meta
 
 
-def run(command: str, data, tmp_path, model_dir) -> None:
-    """ingest (the default policy, fail) or evaluate on ``data``."""
+def run(command: str, data, tmp_path, model_dir, dataset_uri: str = "") -> None:
+    """ingest (the default policy, fail), evaluate, or the evaluate step with ``data`` as external data."""
     if command == "ingest":
         ingest(str(data), (tmp_path / "store").as_uri(), image_size=32)
+    elif command == "external":
+        evaluate(dataset_uri, str(model_dir), external_data=str(data))
     else:
         evaluate_folder(str(model_dir), str(data), tmp_path / "out")
 
@@ -81,10 +85,10 @@ NEVER_OPENED = ("fifo.jpeg", "socket.jpeg", "loop-a.jpeg", "loop-b.jpeg", "dangl
                 "escape.jpeg", "device.jpeg")
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_hostile_files_are_refused_by_both_commands(command, hostile, data, tmp_path, model, reads):
+@pytest.mark.parametrize("command", READERS)
+def test_hostile_files_are_refused_by_both_commands(command, hostile, data, tmp_path, model, reads, dataset):
     with pytest.raises(DataError) as e:
-        run(command, data, tmp_path, model[0])
+        run(command, data, tmp_path, model[0], dataset["uri"])
     got = {r["path"]: r["reason"] for r in e.value.rejected}
     assert set(got) == set(hostile)
     assert "truncated" in got.pop("test/NORMAL/truncated.jpeg").lower()
@@ -128,29 +132,29 @@ def _dangling(path):
 FOLDER_CASES = {  # case: (make it, {command: what the error says})
     "class folder outside the root": (
         lambda d, t: _move_out(d / "test" / "NORMAL", t),
-        {c: r"test/NORMAL resolves to .*elsewhere, outside the data root" for c in COMMANDS}),
+        {c: r"test/NORMAL resolves to .*elsewhere, outside the data root" for c in READERS}),
     "test folder outside the root": (
         lambda d, t: _move_out(d / "test", t),
-        {c: r"data/test resolves to .*elsewhere, outside the data root" for c in COMMANDS}),
+        {c: r"data/test resolves to .*elsewhere, outside the data root" for c in READERS}),
     "class folder a symlink loop": (  # ingest's scan raised OSError on it; evaluate left the class out
         lambda d, t: _loop(d / "test" / "PNEUMONIA"),
-        {c: r"test/PNEUMONIA is a symlink loop, where a class folder was expected" for c in COMMANDS}),
+        {c: r"test/PNEUMONIA is a symlink loop, where a class folder was expected" for c in READERS}),
     "class folder a dangling symlink": (
         lambda d, t: _dangling(d / "test" / "PNEUMONIA"),
-        {c: r"test/PNEUMONIA is a broken symlink .*, where a class folder was expected" for c in COMMANDS}),
+        {c: r"test/PNEUMONIA is a broken symlink .*, where a class folder was expected" for c in READERS}),
     "empty class folder": (
         lambda d, t: [p.unlink() for p in (d / "test" / "NORMAL").iterdir()],
-        {c: r"test/NORMAL holds no images" for c in COMMANDS}),
+        {c: r"test/NORMAL holds no images" for c in READERS}),
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", READERS)
 @pytest.mark.parametrize("case", FOLDER_CASES)
-def test_folders_ingest_refuses_evaluate_refuses(case, command, data, tmp_path, model):
+def test_folders_ingest_refuses_evaluate_refuses(case, command, data, tmp_path, model, dataset):
     make, messages = FOLDER_CASES[case]
     make(data, tmp_path)
     with pytest.raises(DataError, match=messages[command]):
-        run(command, data, tmp_path, model[0])
+        run(command, data, tmp_path, model[0], dataset["uri"])
 
 
 def _strict_json(path):
