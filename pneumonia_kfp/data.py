@@ -47,8 +47,8 @@ def grouped_holdout(labels, groups, fraction: float, seed: int) -> np.ndarray:
 
 
 def groups_of(entries: list[dict]) -> list[str]:
-    """Patient id of each manifest entry; a file without one is its own group."""
-    return [e.get("patient") or e["path"] for e in entries]
+    """Patient id of each manifest entry; a file without one (None) is its own group."""
+    return [e["patient"] or e["path"] for e in entries]
 
 
 def decode_npy(data: bytes) -> np.ndarray:

@@ -9,8 +9,9 @@ import pytest
 
 from pneumonia_kfp import image_reader
 from pneumonia_kfp.data import StoredDataset
+from pneumonia_kfp.documents import DocumentError
 from pneumonia_kfp.ingest import ingest
-from pneumonia_kfp.maintenance import gc
+from pneumonia_kfp.maintenance import gc, verify
 from pneumonia_kfp.manifest import IntegrityError
 from pneumonia_kfp.manifest import checksum as manifest_checksum
 from pneumonia_kfp.source_index import RACY_NS
@@ -151,6 +152,32 @@ def test_a_deleted_object_is_missing_for_readers_and_rewritten_by_reingest(data,
         StoredDataset(info["uri"]).split("test")
     assert ingest(str(data), storage, image_size=32)["uploaded"] > 0
     assert StoredDataset(info["uri"]).split("test")[0].shape == (24, 1, 32, 32)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"format": 1}, "dataset manifest document with format 1, this version reads format 2"),
+    ({"format": None}, "dataset manifest document with no format field, this version reads format 2"),
+    ({"counts": None}, "dataset manifest document lacks counts"),
+])
+def test_a_manifest_of_another_format_is_one_line_naming_it_and_reingest_replaces_it(data, tmp_path, change, says):
+    """A manifest whose checksum holds (not damaged) but whose format is not this version's, or that lacks a
+    field the writer writes: the readers (train's and evaluate's StoredDataset, verify, gc) say so in one
+    line naming the file; ingesting the same data again publishes this version's manifest in its place."""
+    storage = (tmp_path / "store").as_uri()
+    info = ingest(str(data), storage, image_size=32)
+    path = tmp_path / "store" / "datasets" / info["sha"] / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc.update(change)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    doc["checksum"] = manifest_checksum(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DocumentError) as e:
+        StoredDataset(info["uri"])
+    assert str(e.value).startswith(f"{info['uri']}/manifest.json: {says}") and "\n" not in str(e.value)
+    assert verify(storage).problems == [str(e.value)]
+    assert gc(storage, older_than=0).skipped == [f"{info['uri']}: left alone, {e.value}"]
+    assert ingest(str(data), storage, image_size=32)["sha"] == info["sha"]
+    assert StoredDataset(info["uri"]).manifest["format"] == 2 and verify(storage).problems == []
 
 
 def test_store_files_are_readable_as_the_umask_says(image_folder, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_kfp.storage import FileStore, S3Store, StorageError, open_store
+from pneumonia_kfp.storage import FileStore, NotFound, S3Store, StorageError, open_store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -31,9 +31,12 @@ def test_roundtrip_list_and_child(store, tmp_path):
     assert (tmp_path / "back.txt").read_text() == "file body"
 
 
-def test_missing_key_is_a_clear_error(store):
-    with pytest.raises(StorageError, match="nothing-here"):
-        store.get_bytes("nothing-here")
+def test_a_missing_key_is_not_found_naming_it(store, tmp_path):
+    """Whatever reads a missing object (whole, a range, into a file) gets NotFound, naming it."""
+    for read in (lambda: store.get_bytes("nothing-here"), lambda: store.get_range("nothing-here", 0, 4),
+                 lambda: store.get_file("nothing-here", tmp_path / "copy")):
+        with pytest.raises(NotFound, match="nothing-here"):
+            read()
 
 
 def test_backend_types(tmp_path, s3_env):

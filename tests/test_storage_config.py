@@ -12,8 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pneumonia_kfp import resume
+from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.pipelines.cli import main
-from pneumonia_kfp.storage import StorageError, open_store
+from pneumonia_kfp.runs import load_results
+from pneumonia_kfp.storage import NotFound, StorageError, open_store
 from tests.conftest import free_port
 
 ERROR = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
@@ -119,15 +121,19 @@ def test_errors_checking_or_creating_the_bucket_name_the_step(endpoint):
     assert [r["method"] for r in server.requests[-2:]] == ["HEAD", "PUT"] and server.requests[-1]["path"] == "/bucket"
 
 
-@pytest.mark.parametrize("code", ["NoSuchKey", "NoSuchBucket"])
+@pytest.mark.parametrize("code", ["NoSuchKey", "NoSuchBucket", "ResourceNotFound", "NoSuchObject"])
 def test_missing_object_or_bucket_is_missing(endpoint, code):
+    """Every S3 "not found" code is storage.NotFound, the one test every reader makes (each reader tested its
+    own subset of codes before)."""
     endpoint(404, code)
     store = open_store("s3://bucket/prefix")
     assert store.exists("manifest.json") is False
-    with pytest.raises(StorageError, match=f"does not exist \\({code}\\)") as e:
+    with pytest.raises(NotFound, match=f"does not exist \\({code}\\)") as e:
         store.get_bytes("manifest.json")
     assert e.value.code == code
     assert resume.load(store) is None  # no saved state: train starts afresh
+    with pytest.raises(DataError, match="no results for resnet18"):  # the evaluate step left none
+        load_results("s3://bucket/prefix", ["resnet18"])
 
 
 def test_resume_does_not_mistake_access_denied_for_no_state(endpoint):
