@@ -23,9 +23,10 @@ from pneumonia_kfp.documents import CheckpointMeta, ModelResult, fields_of, mode
 from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.image_reader import read_labelled_folder as load_folder  # read as ingest reads
 from pneumonia_kfp.inference import predict, predictions_block
+from pneumonia_kfp.metrics import SENSITIVITY
 
 log = logging.getLogger(__name__)
-SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+SCALARS = ("accuracy", "precision", SENSITIVITY, "specificity", "f1", "auc")
 CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
 ENSEMBLE = "ensemble"
 PREDICTION_SPLITS = ("val", "test", "external")  # the prediction blocks a result document may carry
@@ -206,7 +207,7 @@ def warn_one_class(data: str, labels, classes: list[str]) -> None:
     """One warning line when ``data`` holds one class only: name the figures left undefined (null)."""
     from pneumonia_kfp.metrics import undefined
 
-    names = {"recall": "sensitivity", "specificity": "specificity", "f1": "F1", "auc": "AUC"}
+    names = {SENSITIVITY: "sensitivity", "specificity": "specificity", "f1": "F1", "auc": "AUC"}
     missing = [c for i, c in enumerate(classes) if not (np.asarray(labels) == i).any()]
     if missing:
         figures = ", ".join(names[k] for k in names if k in undefined(labels))

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from pneumonia_kfp.metrics import TARGET_SENSITIVITY
+from pneumonia_kfp.metrics import SENSITIVITY, TARGET_SENSITIVITY
 from pneumonia_kfp.params import default
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def table_rows(results: dict, split: str = "test") -> list[list[str]]:
         ips = m["train"]["images_per_second"]
         rows.append([
             m["backbone"], _count(m["parameters"]), _settings(m),
-            _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, "recall", ci_key="sensitivity"),
+            _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, SENSITIVITY, ci_key="sensitivity"),
             _with_ci(t, "specificity"), _with_ci(t, "auc", pct=False), f"{m['val']['auc']:.4f}",
             f"{m['train']['seconds']:.0f} s", "–" if ips is None else f"{ips:.0f}",
         ])
@@ -147,7 +147,7 @@ def _ci_note(results: dict, split: str = "test") -> str:
     from pneumonia_kfp.metrics import BOOTSTRAP_RESAMPLES
 
     models = [m for m in results["models"] if m.get(split)]
-    labels = models[0][split]["labels"] if models else ["negative", "positive"]
+    class_names = models[0][split]["labels"] if models else ["negative", "positive"]
     ns = sorted({m[split]["n"] for m in models})
     units = sorted({f"{m[split]['bootstrap']['clusters']} {m[split]['bootstrap']['unit']}s" for m in models
                     if "bootstrap" in m[split]})
@@ -158,7 +158,7 @@ def _ci_note(results: dict, split: str = "test") -> str:
             "a file name without a patient id counts as its own patient), "
             f"{BOOTSTRAP_RESAMPLES:,} resamples (seeded). Decision threshold chosen on validation by the rule "
             f"'{rule}' ({RULE_NOTES.get(rule, rule)}). "
-            f"Sensitivity = recall of {labels[1]}, specificity = recall of {labels[0]}.")
+            f"Sensitivity = recall of {class_names[1]}, specificity = recall of {class_names[0]}.")
 
 
 def _dataset_line(results: dict) -> str:
@@ -237,8 +237,8 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
         color, style = ("k", "--") if m.get("members") else (f"C{i % 10}", "-")  # the ensemble: black, dashed
         auc = UNDEFINED if t["auc"] is None else f"{t['auc']:.3f}"
         ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {auc})")
-        if t["specificity"] is not None and t["recall"] is not None:
-            ax.plot([1 - t["specificity"]], [t["recall"]], "o", color=color, ms=5)
+        if t["specificity"] is not None and t[SENSITIVITY] is not None:
+            ax.plot([1 - t["specificity"]], [t[SENSITIVITY]], "o", color=color, ms=5)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test (dots: chosen thresholds)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
@@ -277,7 +277,7 @@ def thumbnails(model: dict, images: dict | None) -> str:
     if not images or "predictions" not in model:
         return ""
     cells = []
-    labels = model["test"]["labels"]
+    class_names = model["test"]["labels"]
     for r in confident_errors(model):
         img = images.get(r["file"])
         if img is None:
@@ -286,7 +286,8 @@ def thumbnails(model: dict, images: dict | None) -> str:
         Image.fromarray(np.asarray(img).reshape(img.shape[-2:])).resize((THUMB_PX, THUMB_PX)).save(buf, format="PNG")
         src = base64.b64encode(buf.getvalue()).decode()
         kind = "false positive" if r["label"] == 0 else "false negative"
-        caption = f"{kind}: true {labels[r['label']]}, P({labels[1]}) = {r['prob']:.3f}<br>{html.escape(r['file'])}"
+        caption = (f"{kind}: true {class_names[r['label']]}, P({class_names[1]}) = {r['prob']:.3f}"
+                   f"<br>{html.escape(r['file'])}")
         cells.append(f'<figure><img alt="{html.escape(kind)}" src="data:image/png;base64,{src}">'
                      f"<figcaption>{caption}</figcaption></figure>")
     return '<div class="thumbs">' + "".join(cells) + "</div>" if cells else "<p>No test errors.</p>"
