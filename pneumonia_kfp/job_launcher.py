@@ -42,6 +42,9 @@ from pneumonia_kfp.train_worker import RESULT
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 SUCCEEDED, FAILED = {"Succeeded", "Complete"}, "Failed"
+# a pod waiting for one of these will not start by itself (neither engine fails the job for it): fail the task
+STUCK = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+FAILED_WAITING = STUCK + ("ErrImagePull", "CrashLoopBackOff")
 RBAC_HINT = ("give the pipeline's ServiceAccount the Role in manifests/distributed-training "
              "(README: Many GPUs and nodes)")
 
@@ -194,20 +197,19 @@ class Job:
             self.say(f"cannot list the pods of {self}: {_reason(e)}")
             return []
 
-    def failing_pod(self) -> str:
-        """``pod: reason (exit N)`` of the first failed container among the job's pods, or ''."""
+    def failing_pod(self, waiting: tuple[str, ...] = FAILED_WAITING, exited: bool = True) -> str:
+        """``pod: reason (exit N)`` of the first failed container among the job's pods (``exited``), or
+        the first waiting for one of the ``waiting`` reasons; '' when none."""
         for pod in self.pods(pods_selector(self.engine, self.name)):
             for status in (pod.status.container_statuses or []) if pod.status else []:
                 term = status.state.terminated if status.state else None
-                waiting = status.state.waiting if status.state else None
-                if term is not None and term.exit_code:
+                wait = status.state.waiting if status.state else None
+                if exited and term is not None and term.exit_code:
                     return f"{pod.metadata.name}: {term.reason or 'Error'} (exit {term.exit_code})" + (
                         f", {term.message.strip()}" if term.message else "")
-                if waiting is not None and waiting.reason in ("ErrImagePull", "ImagePullBackOff",
-                                                               "CreateContainerConfigError", "CrashLoopBackOff"):
-                    return f"{pod.metadata.name}: {waiting.reason}" + (
-                        f", {waiting.message}" if waiting.message else "")
-            if pod.status and pod.status.phase == "Failed" and pod.status.reason:  # evicted, deadline
+                if wait is not None and wait.reason in waiting:
+                    return f"{pod.metadata.name}: {wait.reason}" + (f", {wait.message}" if wait.message else "")
+            if exited and pod.status and pod.status.phase == "Failed" and pod.status.reason:  # evicted, deadline
                 return f"{pod.metadata.name}: {pod.status.reason}"
         return ""
 
@@ -249,6 +251,9 @@ class Job:
             self.follow_logs()
             if last is not None and (last["type"] in SUCCEEDED or last["type"] == FAILED):
                 break
+            stuck = self.failing_pod(STUCK, exited=False)
+            if stuck:
+                raise JobError(f"distributed training job {self} cannot start: {stuck}")
             time.sleep(poll)
         self.follow_logs()
         if self.logs is not None:

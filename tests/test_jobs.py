@@ -395,6 +395,17 @@ def test_failure_is_one_line_naming_the_job_and_the_pods_reason(dataset, tmp_pat
     assert server.methods()[-1] == f"DELETE {name}" and server.jobs == {}  # TrainJob preferred when both served
 
 
+def test_a_pod_that_cannot_start_fails_the_task(dataset, tmp_path):
+    """An image that cannot be pulled leaves the job Created forever (neither engine fails it): the task fails."""
+    stuck = pod("j-master-0", MASTER, "Pending")
+    stuck["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff",
+                                                                   "message": 'Back-off pulling image "i:1"'}}
+    server = FakeApiServer({"kubeflow.org/v1"}, [cond("Created")], pods=[stuck])
+    with pytest.raises(JobError, match=r"cannot start: j-master-0: ImagePullBackOff, Back-off pulling image"):
+        run(server, dataset, tmp_path)
+    assert server.jobs == {}
+
+
 def test_a_job_of_an_earlier_attempt_is_replaced(dataset, tmp_path):
     """409 on create: the name is per task, so the job is an earlier attempt of this one; replaced, not reused."""
     name = job_name("task-1", "resnet18")
