@@ -25,20 +25,23 @@ def report_op(
         ensemble_metrics: the ensemble's test scalars (empty with one backbone).
         ensemble_classification: the ensemble's test confusion matrix and ROC (empty with one backbone).
     """
-    import json
+    from pneumonia_kfp.task_errors import recording_errors
 
-    from pneumonia_kfp.evaluation import ENSEMBLE, combine, log_ui_metrics
-    from pneumonia_kfp.outputs import document, write_files
-    from pneumonia_kfp.report import render_from_store
-    from pneumonia_kfp.runs import load_results
+    with recording_errors("report-op"):
+        import json
 
-    models = load_results(run_dir, backbones)
-    with open(dataset.path) as f:
-        info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
-    combined, md, page, csv = render_from_store(combine(info, models))
-    # strict JSON, and every file whole or not at all
-    write_files({markdown.path: md, html.path: page, summary.path: document(combined), predictions.path: csv})
-    summary.metadata["best"] = combined["best"]["backbone"]
-    for m in combined["models"]:
-        if m["backbone"] == ENSEMBLE:
-            log_ui_metrics(m, ensemble_metrics, ensemble_classification)
+        from pneumonia_kfp.evaluation import ENSEMBLE, combine, log_ui_metrics
+        from pneumonia_kfp.outputs import document, write_files
+        from pneumonia_kfp.report import render_from_store
+        from pneumonia_kfp.runs import load_results
+
+        models = load_results(run_dir, backbones)
+        with open(dataset.path) as f:
+            info = json.load(f)  # the file keeps ints; KFP metadata turns numbers into floats
+        combined, md, page, csv = render_from_store(combine(info, models))
+        # strict JSON, and every file whole or not at all
+        write_files({markdown.path: md, html.path: page, summary.path: document(combined), predictions.path: csv})
+        summary.metadata["best"] = combined["best"]["backbone"]
+        for m in combined["models"]:
+            if m["backbone"] == ENSEMBLE:
+                log_ui_metrics(m, ensemble_metrics, ensemble_classification)

@@ -84,7 +84,7 @@ def test_a_record_of_another_format_is_one_line_naming_it(records):
 
 
 def test_every_component_records_under_its_task_name_in_the_pipeline():
-    """The name each body passes to recording_errors is the task's name in the compiled pipeline."""
+    """The name each body of run-local's pipeline passes to recording_errors is its task's name there."""
     from pneumonia_kfp.pipelines.pipeline import build_pipeline
 
     spec = build_pipeline(2).pipeline_spec
@@ -99,4 +99,4 @@ def test_every_component_records_under_its_task_name_in_the_pipeline():
         program = "\n".join(executors[executor]["container"]["command"])
         assert f'recording_errors("{task}")' in program, task
         checked.append(task)
-    assert sorted(checked) == ["evaluate-op", "ingest-op", "report-op", "start-op", "train-op"]
+    assert {"evaluate-op", "ingest-op", "report-op", "start-op", "train-op"} <= set(checked)
