@@ -286,7 +286,7 @@ def run_training_job(config_json: str, dataset_uri: str, backbone: str, model_di
     owner = {"name": os.environ["KFP_POD_NAME"], "uid": os.environ["KFP_POD_UID"]} \
         if os.environ.get("KFP_POD_UID") else None  # KFP sets both in every task pod
     body = manifest(engine, config, name, namespace or current_namespace(), command, owner=owner,
-                    labels={TASK_LABEL: owner["name"]} if owner else {})
+                    labels={TASK_LABEL: owner["uid"]} if owner else {})
     job = Job(client, engine, body["metadata"]["namespace"], name, out=out)
     with stop_signals_raise():
         try:

@@ -33,7 +33,8 @@ RUNTIME = "torch-distributed"  # Trainer v2's ClusterTrainingRuntime for torchru
 TRAINJOB_NODE = "node"  # the runtime's replicated job and container
 PYTORCH_CONTAINER = "pytorch"  # the Training Operator finds its port and sets its env by this name
 PART_OF = {"app.kubernetes.io/part-of": "pneumonia-kfp", "app.kubernetes.io/component": "train"}
-TASK_LABEL = "pneumonia-kfp/task-pod"  # the KFP task pod that launched the job
+# the uid of the KFP task pod that launched the job (a pod's name may exceed a label value's 63 characters)
+TASK_LABEL = "pneumonia-kfp/task-pod-uid"
 WORKER = "pneumonia_kfp.train_worker"
 
 

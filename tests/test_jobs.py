@@ -217,7 +217,7 @@ class FakeApiServer(ThreadingHTTPServer):
         self.served, self.script, self.pods, self.log = set(served), script, list(pods), log
         self.jobs = {existing["metadata"]["name"]: existing} if existing else {}
         self.on_success, self.create_status = on_success, create_status
-        self.calls, self.reads, self.lock = [], 0, threading.Lock()
+        self.calls, self.created, self.reads, self.lock = [], [], 0, threading.Lock()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -287,6 +287,7 @@ class Handler(BaseHTTPRequestHandler):
             if s.create_status != 201:
                 return self.status(s.create_status, "Forbidden", f"cannot create resource {plural!r}")
             s.jobs[body["metadata"]["name"]] = body
+            s.created.append(body)
             return self.reply(201, body)
         if name not in s.jobs:
             return self.status(404, "NotFound", f'{plural} "{name}" not found')
@@ -445,8 +446,9 @@ def test_sigterm_deletes_the_job(dataset, tmp_path):
     script = ("import sys; from pneumonia_kfp.job_launcher import run_training_job; "
               "run_training_job(sys.argv[1], sys.argv[2], 'resnet18', sys.argv[3], 'task-1', {}, poll=0.05)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env.update(KUBECONFIG=str(kubeconfig), KFP_POD_NAME="run-1-system-container-impl-42", KFP_POD_UID="uid-42")
     proc = subprocess.Popen([sys.executable, "-c", script, CONFIG, dataset, str(tmp_path / "model")],
-                            env={**env, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE,
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while server.reads < 3 and time.monotonic() < deadline and proc.poll() is None:
@@ -458,6 +460,12 @@ def test_sigterm_deletes_the_job(dataset, tmp_path):
     name = job_name("task-1", "resnet18")
     assert server.jobs == {} and f"DELETE {name}" in server.methods()
     assert f"deleted PyTorchJob team-a/{name}" in stdout
+    [job] = server.created  # in the kubeconfig's namespace, owned by the task pod KFP names in the environment
+    assert job["metadata"]["namespace"] == "team-a"
+    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "uid": "uid-42",
+                                                   "name": "run-1-system-container-impl-42",
+                                                   "blockOwnerDeletion": False, "controller": False}]
+    assert job["metadata"]["labels"]["pneumonia-kfp/task-pod-uid"] == "uid-42"
 
 
 def test_rbac_lets_the_pipeline_runner_launch_and_nothing_more():
