@@ -9,7 +9,8 @@ from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.pipelines.settings import Settings, SettingsError, load
 
 IMAGE = "registry.example.com/pneumonia-kfp:1.2.3"
-EXECUTORS = {"exec-start-op", "exec-ingest-op", "exec-train-op", "exec-evaluate-op", "exec-report-op"}
+EXECUTORS = {"exec-start-op", "exec-ingest-op", "exec-train-op", "exec-evaluate-op", "exec-report-op",
+             "exec-deploy-op"}
 # known credential values in the compiling process: none of them may reach the YAML
 CREDENTIALS = {"MINIO_ACCESS_KEY": "AKIA-known-access-key", "MINIO_SECRET_KEY": "known-secret-key-value"}
 
@@ -54,7 +55,8 @@ def loop_tasks(spec: pb.PipelineSpec):
 
 def test_parallel_for_over_backbones_with_its_parallelism(compiled):
     spec, _, _ = compiled
-    assert set(spec.root.dag.tasks) == {"start-op", "ingest-op", "train-and-evaluate", "report-op"}
+    # condition-1: deploy-op, only when serve_name is set (tests/test_deploy.py)
+    assert set(spec.root.dag.tasks) == {"start-op", "ingest-op", "train-and-evaluate", "report-op", "condition-1"}
     loop, body = loop_tasks(spec)
     assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--backbones"
     assert loop.iterator_policy.parallelism_limit == 3
@@ -83,7 +85,7 @@ def test_no_display_names(compiled):
     spec, _, _ = compiled
     dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
     tasks = [(name, task) for dag in dags for name, task in dag.tasks.items()]
-    assert len(tasks) == 7 and all(task.task_info.name == name for name, task in tasks)
+    assert len(tasks) == 9 and all(task.task_info.name == name for name, task in tasks)
 
 
 def test_every_task_runs_the_configured_image(compiled):
