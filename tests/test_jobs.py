@@ -24,6 +24,7 @@ from pneumonia_kfp.jobs import JobConfig, JobError, config_from_settings, job_na
 from pneumonia_kfp.pipelines.settings import SettingsError, load
 from pneumonia_kfp.storage import ACCESS_KEY_ENV, open_store
 from pneumonia_kfp.train_worker import RESULT
+from tests.test_kfp_compat import BACKENDS, DEGRADATIONS, PROBE, features, venv
 from tests.test_kubeflow_manifests import render
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -557,3 +558,26 @@ def make_folder(tmp_path):
     from pneumonia_kfp.synthetic import make_synthetic
 
     return make_synthetic(tmp_path / "xray", {"train": 24, "test": 8}, size=48)
+
+
+@pytest.fixture(scope="module")
+def distributed_pipeline(tmp_path_factory) -> Path:
+    from pneumonia_kfp.pipelines.cli import main
+
+    target = tmp_path_factory.mktemp("nodes") / "pipeline.yaml"
+    assert main(["compile", "-o", str(target), "--set", "nodes=2", "--set", "train.accelerator_count=8"]) == 0
+    return target
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_the_many_node_pipeline_is_still_one_yaml_for_every_backend(backend, distributed_pipeline):
+    """tests/test_kfp_compat.py's strict parse with each backend's protos, on the nodes=2 compile; what degrades
+    is what degrades in the default compile (retries inside the ParallelFor before 2.14)."""
+    result = subprocess.run([str(venv(backend) / "bin" / "python"), "-c", PROBE, str(distributed_pipeline)],
+                            capture_output=True, text=True, check=True)
+    probe = json.loads(result.stdout)
+    assert (probe["ir"], probe["platform"]) == (None, None)
+    assert {name: e for name, e in probe["executors"].items() if e} == {}
+    ir = next(yaml.safe_load_all(distributed_pipeline.read_text()))
+    found = features(ir)
+    assert set(found) <= set(DEGRADATIONS) and found["retry_inside_sub_dag"] == ["train-distributed-op"]
