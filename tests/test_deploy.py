@@ -19,7 +19,7 @@ from pneumonia_kfp import deploy as d
 from pneumonia_kfp.errors import UsageError
 from pneumonia_kfp.params import check_run_params
 from pneumonia_kfp.pipelines.cli import main
-from tests.test_kubeflow_manifests import unknown_fields
+from tests.test_kubeflow_manifests import render, unknown_fields
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # KServe release -> the Kubeflow release that ships it
@@ -289,7 +289,7 @@ def granted(path: Path) -> set[tuple[str, str, str]]:
             for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
-def test_every_request_is_granted_by_kubeflow_edit(api, model_dir, s3_env):
+def test_every_request_is_granted_by_kubeflow_edit_and_the_standalone_role(api, model_dir, s3_env):
     """A whole deploy asks only for what kubeflow-edit (the profile's default-editor) grants: the
     InferenceService through KServe's aggregated kubeflow-kserve-edit, the Secret and ServiceAccount through
     Kubeflow's kubeflow-kubernetes-edit/-view. The roles are vendored from KServe 0.13.0 (the narrowest
@@ -301,6 +301,16 @@ def test_every_request_is_granted_by_kubeflow_edit(api, model_dir, s3_env):
     assert ("serving.kserve.io", "inferenceservices", "update") in asked
     assert asked <= granted(ROLES)
     assert done.url == f"http://pneumonia.{NAMESPACE}.example.com"
+    # standalone Kubeflow Pipelines: manifests/deploy grants pipeline-runner exactly what was asked, no more
+    objects = render("deploy/standalone")
+    for o in objects:
+        kubernetes_validate.validate(o, kubernetes_validate.latest_version(), strict=True)
+        assert o["metadata"]["namespace"] == "kubeflow"
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]} == asked
+    binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
 
 
 # --- the model in the store, the CLI ----------------------------------------------------------------------
