@@ -138,6 +138,9 @@ def _pod_scheduling(config: JobConfig) -> dict:
 
 
 SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+# Kubeflow's profile namespaces inject an Istio sidecar into every pod: it would outlive the trainer (the pod, and
+# so the job, never completes) and stand between the nodes' rendezvous; KFP keeps it off its own pods the same way
+NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 
 
 def _metadata(name: str, namespace: str, owner: dict | None, labels: dict) -> dict:
@@ -156,7 +159,8 @@ def trainjob(config: JobConfig, name: str, namespace: str, command: list[str], o
     if _resources(config):
         trainer["resourcesPerNode"] = _resources(config)
     node = {"name": TRAINJOB_NODE, "volumeMounts": [SHM_MOUNT]}
-    override = {"targetJobs": [{"name": TRAINJOB_NODE}], "spec": {**_pod_scheduling(config), "containers": [node]}}
+    override = {"targetJobs": [{"name": TRAINJOB_NODE}], "metadata": {"annotations": dict(NO_SIDECAR)},
+                "spec": {**_pod_scheduling(config), "containers": [node]}}
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
             "metadata": _metadata(name, namespace, owner, labels or {}),
             "spec": {"runtimeRef": {"name": RUNTIME, "apiGroup": "trainer.kubeflow.org",
@@ -173,7 +177,7 @@ def pytorchjob(config: JobConfig, name: str, namespace: str, command: list[str],
                  "volumeMounts": [SHM_MOUNT]}
     if _resources(config):
         container["resources"] = _resources(config)
-    template = {"metadata": {"labels": {**PART_OF, **(labels or {})}},
+    template = {"metadata": {"labels": {**PART_OF, **(labels or {})}, "annotations": dict(NO_SIDECAR)},
                 "spec": {"containers": [container], **_pod_scheduling(config)}}
     replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if config.nodes > 1:

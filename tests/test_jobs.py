@@ -117,6 +117,9 @@ def test_manifests_validate_against_each_release_schema(engine, file, overrides)
         pod = replicas["Worker"]["template"]["spec"]
     assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+    pod_meta = job["spec"]["podTemplateOverrides"][0]["metadata"] if engine == "trainjob" else \
+        job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]
+    assert pod_meta["annotations"] == {"sidecar.istio.io/inject": "false"}  # a sidecar would keep the pod running
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if gpus:
         assert pod["nodeSelector"] == {"gpu": "h100"} and pod["imagePullSecrets"] == [{"name": "regcred"}]
