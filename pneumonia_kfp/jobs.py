@@ -114,7 +114,7 @@ def _env(config: JobConfig) -> list[dict]:
     env = [{"name": k, "value": str(v)} for k, v in sorted(config.env.items())]
     env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": s, "key": key}}}
             for k, (s, key) in sorted(config.secret_env.items())]
-    return env + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    return env  # no PYTHONUNBUFFERED: the Training Operator adds it (twice would be a duplicate); logging flushes
 
 
 def _resources(config: JobConfig) -> dict:
