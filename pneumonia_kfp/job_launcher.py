@@ -253,7 +253,7 @@ class Job:
                 break
             stuck = self.failing_pod(STUCK, exited=False)
             if stuck:
-                raise JobError(f"distributed training job {self} cannot start: {stuck}")
+                raise JobError(" ".join(f"distributed training job {self} cannot start: {stuck}".split()))
             time.sleep(poll)
         self.follow_logs()
         if self.logs is not None:
@@ -261,8 +261,9 @@ class Job:
         if last["type"] == FAILED:
             message = " ".join(str(last.get(k) or "") for k in ("reason", "message")).strip()
             pod = self.failing_pod()
-            raise JobError(f"distributed training job {self} failed: {message or 'no reason given'}"
-                           + (f"; {pod}" if pod else ""))
+            text = f"distributed training job {self} failed: {message or 'no reason given'}"
+            text += f"; {pod}" if pod else ""
+            raise JobError(" ".join(text.split()))  # one line, whatever the engine's or the pod's message holds
 
 
 def run_training_job(config_json: str, dataset_uri: str, backbone: str, model_dir: str, task_key: str,

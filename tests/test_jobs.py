@@ -388,15 +388,18 @@ def test_failure_is_one_line_naming_the_job_and_the_pods_reason(dataset, tmp_pat
              "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index": "0"}
     oom = pod(f"{name}-node-0-1-abcde", {**rank0, "batch.kubernetes.io/job-completion-index": "1"}, "Failed",
               {"exitCode": 137, "reason": "OOMKilled"})
+    # the engine's message and the pod's termination message (the log's tail) may span lines
     server = FakeApiServer({"trainer.kubeflow.org/v1alpha1", "kubeflow.org/v1"},
-                           [[], cond("Failed", reason="FailedJobs", message="jobset failed: node-0 failed")],
-                           pods=[pod(f"{name}-node-0-0-xyz", rank0, "Failed", {"exitCode": 1, "reason": "Error"}), oom])
+                           [[], cond("Failed", reason="FailedJobs", message="jobset failed:\nnode-0 failed")],
+                           pods=[pod(f"{name}-node-0-0-xyz", rank0, "Failed", {"exitCode": 1, "reason": "Error",
+                                                                              "message": "Traceback\n  x\nError: y\n"}),
+                                 oom])
     with pytest.raises(JobError) as e:
         run(server, dataset, tmp_path)
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"distributed training job TrainJob team-a/{name} failed: FailedJobs jobset failed")
-    assert "node-0-0-xyz: Error (exit 1)" in message  # the first failed pod and its reason
+    assert "node-0-0-xyz: Error (exit 1), Traceback x Error: y" in message  # the first failed pod and its reason
     assert server.methods()[-1] == f"DELETE {name}" and server.jobs == {}  # TrainJob preferred when both served
 
 
