@@ -189,7 +189,8 @@ def test_the_pipeline_launches_a_job_when_nodes_exceed_one(tmp_path):
     assert tasks["evaluate-op"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == \
         "train-distributed-op"
     executor = ir["deploymentSpec"]["executors"]["exec-train-distributed-op"]["container"]
-    assert "accelerator" not in executor.get("resources", {})  # the GPUs are the job's, not the launcher's
+    assert "accelerator" not in executor["resources"]  # the GPUs are the job's, not the launcher's
+    assert (executor["resources"]["resourceCpuLimit"], executor["resources"]["resourceMemoryLimit"]) == ("1", "2Gi")
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-distributed-op"]
     assert "tolerations" not in k8s and k8s["secretAsEnv"]  # the store's keys: it copies the model back
 
