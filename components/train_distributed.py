@@ -27,13 +27,16 @@ def train_distributed_op(
         job: the job's engine, nodes, GPUs and scheduling (JSON, fixed by the compile's settings).
         model: the same directory as the one-GPU train step's, written by rank 0 of the job.
     """
-    import logging
+    from pneumonia_kfp.task_errors import recording_errors
 
-    from pneumonia_kfp.job_launcher import run_training_job
+    with recording_errors("train-distributed-op"):
+        import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    params = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                  pretrained=pretrained, weights=pretrained_weights, compile_model=compile_model,
-                  threshold_rule=threshold_rule, tta=tta)
-    metadata = run_training_job(job, dataset.metadata["uri"], backbone, model.path, model.uri, params)
-    model.metadata.update(metadata)
+        from pneumonia_kfp.job_launcher import run_training_job
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        params = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                      pretrained=pretrained, weights=pretrained_weights, compile_model=compile_model,
+                      threshold_rule=threshold_rule, tta=tta)
+        metadata = run_training_job(job, dataset.metadata["uri"], backbone, model.path, model.uri, params)
+        model.metadata.update(metadata)
