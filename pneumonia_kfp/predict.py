@@ -120,29 +120,32 @@ def load_model(model_dir: str | Path, engine: str = "onnx") -> Model:
         from pneumonia_kfp.backbones import load_checkpoint
         from pneumonia_kfp.inference import predict
 
-        net, meta = load_checkpoint(path, "cpu", required=("image_size", "mean", "std", "threshold_rule"))
+        net, meta = load_checkpoint(path, "cpu", required=("image_size", "mean", "std", "threshold_rule",
+                                                           "thresholds", "tta"))
         mean, std = meta["mean"], meta["std"]
 
         def run(x):
             return predict(net, x, mean, std, tta=False)
-        tta = bool(meta.get("tta", False))
+        tta = bool(meta["tta"])
     else:
         meta, run = _load_exported(path, engine, PREDICT_PIXELS)
-        tta = bool(meta.get("tta_used_in_evaluation", False))
-    thresholds = dict(meta.get("thresholds") or {meta["threshold_rule"]: float(meta["threshold"])})
+        tta = bool(meta["tta_used_in_evaluation"])
     checkpoint = directory / CHECKPOINT
     sha = _sha256(checkpoint if checkpoint.is_file() else path)
-    model_id = meta.get("model_id") or meta.get("identity") or f"{meta['backbone']}@sha256:{sha[:16]}"
+    model_id = f"{meta['backbone']}@sha256:{sha[:16]}"
     return Model(engine, run, meta["backbone"], list(meta["classes"]), int(meta["image_size"]),
-                 meta["threshold_rule"], {k: float(v) for k, v in thresholds.items()}, str(model_id), tta)
+                 meta["threshold_rule"], {k: float(v) for k, v in meta["thresholds"].items()}, model_id, tta)
 
 
 def _load_exported(path: Path, engine: str, pixels: int):
     from pneumonia_kfp.backbones import ModelFileError
+    from pneumonia_kfp.documents import DocumentError
     from pneumonia_kfp.export import load_onnx, load_pt2
 
     try:
         handle, meta = (load_onnx if engine == "onnx" else load_pt2)(path)
+    except DocumentError:  # loaded, but its metadata is of another format: that line says so
+        raise
     except Exception as e:  # a damaged or foreign file: the loaders raise almost anything
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         what = "an ONNX model" if engine == "onnx" else "a torch.export program"

@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 
+from pneumonia_kfp.documents import ModelResult, read_result
 from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.storage import NotFound, open_store
 
@@ -42,8 +43,9 @@ def save_result(run_dir: str, result: dict) -> str:
     return store.uri_of(key)
 
 
-def load_results(run_dir: str, backbones: list[str]) -> list[dict]:
-    """Every model's results in the run folder, in ``backbones`` order: exactly one per backbone.
+def load_results(run_dir: str, backbones: list[str]) -> list[ModelResult]:
+    """Every model's result document in the run folder, in ``backbones`` order: exactly one per backbone,
+    each of this version's format.
 
     Read object by object, never listed: multi-user Kubeflow's per-profile keys may read and write
     under their prefix but need not be allowed to list the bucket."""
@@ -57,6 +59,7 @@ def load_results(run_dir: str, backbones: list[str]) -> list[dict]:
     if missing:
         raise DataError(f"{run_dir}: no results for {', '.join(missing)} (did its evaluate step fail?)")
     for backbone, r in zip(backbones, results, strict=True):
-        if r.get("backbone") != backbone:
-            raise DataError(f"{store.uri_of(result_key(backbone))} holds results of {r.get('backbone')!r}")
+        read_result(r, store.uri_of(result_key(backbone)))
+        if r["backbone"] != backbone:
+            raise DataError(f"{store.uri_of(result_key(backbone))} holds results of {r['backbone']!r}")
     return results
