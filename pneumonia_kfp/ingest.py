@@ -14,11 +14,11 @@
 <sha> hashes every file's content and place plus the ingest settings, so unchanged data maps to
 the same version. The source is listed by ``sources``, each file is read once by ``image_reader``
 (hashed, decoded and packed from the same bytes), and re-ingesting unchanged data reads no file
-(``source_index``, git's index for ingest). The manifest's fields are ``manifest.Manifest``.
-A version with a damaged or missing object is repaired by
-ingesting it again: its objects are written anew; if that makes the published manifest's objects
-whole again (a tensor or the report, the same bytes), that manifest stands, else (a pack, the
-manifest itself) this ingest's complete manifest replaces it.
+(``source_index``, git's index for ingest). The manifest's fields are ``manifest.Manifest``. A
+version with a damaged or missing object is repaired by ingesting it again: its objects are written
+anew; if that makes the published manifest's objects whole again (a tensor or the report, the same
+bytes), that manifest stands, else (a pack, the manifest itself) this ingest's complete manifest
+replaces it.
 
 Any number of ingests may write into one store at once, with the same data or not, without a lock:
 packs have names no other writer uses, the tensors and the report are the same bytes whoever
