@@ -35,6 +35,7 @@ def main():
     from pneumonia_kfp.backbones import grayscale_normalization
     from pneumonia_kfp.data import StoredDataset
     from pneumonia_kfp.device import select_device
+    from pneumonia_kfp.inference import device_layout
     from pneumonia_kfp.ingest import ingest
     from pneumonia_kfp.training import Recipe, build_state, to_device, training_batch
 
@@ -60,9 +61,7 @@ def main():
         loss_fn = torch.nn.CrossEntropyLoss()
         batch = min(a.batch_size, len(images))  # a batch never holds more images than the dataset
         fixed_y = labels[:batch]
-        synthetic = torch.randn(batch, 1, a.image_size, a.image_size, device=device)
-        if device.type == "cuda":
-            synthetic = synthetic.contiguous(memory_format=torch.channels_last)
+        synthetic = device_layout(torch.randn(batch, 1, a.image_size, a.image_size, device=device), device)
 
         def project_batch(mean=mean, std=std, batch=batch):
             idx = torch.randperm(len(images), device=device, generator=generator)[:batch]

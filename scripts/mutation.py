@@ -53,17 +53,21 @@ MODULES = {
     # train() and select(): only the lines that decide (best epoch, threshold, validation split, resume identity);
     # the rest is the optimisation loop, which every training test runs anyway
     "training": Module(
-        "pneumonia_kfp/training.py", ["x_train_val_split", "x_train", "x_improves", "x_select"],
+        "pneumonia_kfp/training.py", ["x_train_val_split", "x_load", "x_fit", "x_fit_epoch", "x_train", "x_improves",
+                                       "x_select"],
         ["tests/test_train_evaluate_report.py::test_small_val_is_a_patient_grouped_carve_out",
          "tests/test_splits.py", "tests/test_training_decisions.py"],
         skip=[r"^(?!.*(\bbest\b|threshold|val_auc|val_loss|\bheld\b|MIN_VAL|VAL_FRACTION|concatenate|identity\(|"
               r"\"(backbone|epochs|batch_size|learning_rate|seed|pretrained|weights|recipe)\": )).*$"]),
+    "combine": Module(
+        "pneumonia_kfp/evaluation.py", ["x_best_model", "x_combine", "x_*ensemble*"],
+        ["tests/test_decisions.py"]),
     "report": Module(
-        "pneumonia_kfp/report.py", ["x_best_model", "x_combine", "x_*ensemble*", "x_write_outputs"],
-        ["tests/test_decisions.py", "tests/test_outputs.py"]),
+        "pneumonia_kfp/report.py", ["x_write_outputs"],
+        ["tests/test_outputs.py"]),
     # what evaluate reads (folders through ingest's scan and reader, model files) and what it answers
     "evaluation": Module(
-        "pneumonia_kfp/evaluation.py", ["x__load", "x_load_folder", "x_warn_one_class"],
+        "pneumonia_kfp/evaluation.py", ["x_load_model", "x_load_folder", "x_warn_one_class"],
         ["tests/test_evaluate_inputs.py"]),
     # what predict reads (files, folders, s3:// objects), which engine and threshold it uses, what it writes
     "predict": Module(
