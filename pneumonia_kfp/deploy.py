@@ -122,7 +122,7 @@ class Published:
     uri: str  # the model's folder in the store: KServe's storageUri
     model_id: str  # backbone@sha256:<16 hex>, what predict and serve report
     backbone: str
-    info: dict = field(default_factory=dict)  # model metadata (thresholds, image size, ...)
+    info: dict = field(default_factory=dict)  # metadata.json: thresholds, image size, ... (documents.ModelInfo)
 
 
 def _local_dir(source: str) -> Path | None:
@@ -155,6 +155,7 @@ def publish(source: str, storage: str, dry_run: bool = False) -> Published:
     already, or ``dry_run``); the model is loaded first, so a broken one is refused before anything is applied."""
     import json
 
+    from pneumonia_kfp.documents import read_model_info
     from pneumonia_kfp.predict import load_model
     from pneumonia_kfp.scratch import scratch_dir
     from pneumonia_kfp.storage import open_store
@@ -168,7 +169,7 @@ def publish(source: str, storage: str, dry_run: bool = False) -> Published:
             folder = Path(tmp)
             _download(source, folder)
         model = load_model(folder)  # what serve will run, with the id it will report
-        info = json.loads((folder / MODEL_FILES[0]).read_text())
+        info = read_model_info(json.loads((folder / MODEL_FILES[0]).read_text()), str(folder / MODEL_FILES[0]))
         target = open_store(storage).child(f"{MODELS}/{model.model_id.replace('@sha256:', '-')}")
         if not dry_run and not target.exists(MODEL_FILES[0]):
             for name in MODEL_FILES[1:] + MODEL_FILES[:1]:  # metadata last: its presence means complete
@@ -362,23 +363,38 @@ def register(address: str, name: str, model: Published, author: str = "pneumonia
     """Register the model (name: the service's; version: its model id) unless that version exists; the version's
     id. ``address``: http(s)://host[:port] of the registry's REST service; in a pod the ServiceAccount token
     authenticates (the client reads it)."""
+    from importlib.metadata import version as installed
+
     from model_registry import ModelRegistry
+    from mr_openapi.exceptions import NotFoundException
 
     try:
         registry = ModelRegistry(address, author=author)
-        version = registry.get_registered_model(name) and registry.get_model_version(name, model.model_id)
-        if not version:
+    except NotFoundException:
+        raise DeployError(f"Model Registry {address} does not answer /api/model_registry/v1/registered_models: the "
+                          f"client here (model-registry {installed('model-registry')}) speaks the v1 REST API, which "
+                          "a registry serving only v1alpha3 lacks; upgrade the registry, or leave "
+                          f"{REGISTRY_ENV} unset to deploy without registering") from None
+    except Exception as e:  # the client raises its own, aiohttp's and ValueError: one line naming the registry
+        raise DeployError(f"Model Registry {address}: {type(e).__name__}: {_first_line(e)}") from None
+    try:
+        found = registry.get_registered_model(name) and registry.get_model_version(name, model.model_id)
+        if not found:
             registry.register_model(
                 name, model.uri, model_format_name="onnx", model_format_version="1", version=model.model_id,
                 version_description=f"{model.backbone}, thresholds chosen on validation",
-                metadata={"backbone": model.backbone, "threshold": float(model.info.get("threshold", 0.5)),
-                          "threshold_rule": str(model.info.get("threshold_rule", "")),
-                          "image_size": int(model.info.get("image_size", 0))})
-            version = registry.get_model_version(name, model.model_id)
-    except Exception as e:  # the client raises its own, aiohttp's and ValueError; one line naming the registry
-        raise DeployError(f"Model Registry {address}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          ) from None
-    return str(version.id)
+                metadata={"backbone": model.backbone, "threshold": float(model.info["threshold"]),
+                          "threshold_rule": model.info["threshold_rule"], "image_size": int(model.info["image_size"])})
+            found = registry.get_model_version(name, model.model_id)
+    except Exception as e:
+        raise DeployError(f"Model Registry {address}: registering {name} {model.model_id}: {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+    log.info("Model Registry %s: %s version %s (id %s)", address, name, model.model_id, found.id)
+    return str(found.id)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 # --- the whole deploy -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import kubernetes_validate
@@ -60,7 +61,8 @@ def model_dir(trained):
 
 
 def published(uri="s3://bucket/p/models/resnet18-0123456789abcdef") -> d.Published:
-    return d.Published(uri, "resnet18@sha256:0123456789abcdef", "resnet18", {"threshold": 0.5})
+    return d.Published(uri, "resnet18@sha256:0123456789abcdef", "resnet18",
+                       {"threshold": 0.31, "threshold_rule": "youden", "image_size": 32})
 
 
 def target(**kw) -> d.Target:
@@ -135,15 +137,10 @@ def test_the_ensemble_is_never_deployed_and_test_scores_play_no_part():
 
 # --- a fake API server ------------------------------------------------------------------------------------
 
-class FakeApiServer:
-    """Answers the kubernetes client's create / get / update of secrets, serviceaccounts and inferenceservices
-    like the API server: 409 AlreadyExists, resourceVersion conflicts, generation bumped by a spec change. An
-    InferenceService's status plays KServe's controller: Ready, at an observedGeneration that catches up after
-    ``lag`` reads."""
+class JsonServer:
+    """A real HTTP server on 127.0.0.1 in a thread: each request goes to ``handle(handler, method)``."""
 
-    def __init__(self, lag: int = 0):
-        self.objects, self.requests, self.lag, self.reads = {}, [], lag, 0
-        self.version = 0
+    def __init__(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -168,6 +165,31 @@ class FakeApiServer:
         self.http.server_close()
 
     @staticmethod
+    def body(h):
+        return json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"null")
+
+    @staticmethod
+    def answer(h, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+
+class FakeApiServer(JsonServer):
+    """Answers the kubernetes client's create / get / update of secrets, serviceaccounts and inferenceservices
+    like the API server: 409 AlreadyExists, resourceVersion conflicts, generation bumped by a spec change. An
+    InferenceService's status plays KServe's controller: Ready, at an observedGeneration that catches up after
+    ``lag`` reads."""
+
+    def __init__(self, lag: int = 0):
+        self.objects, self.requests, self.lag, self.reads = {}, [], lag, 0
+        self.version = 0
+        super().__init__()
+
+    @staticmethod
     def parse(path: str) -> tuple[str, str, str, str | None]:
         """(api group, namespace, resource, name) of /api/v1/... or /apis/<group>/<version>/..."""
         parts = path.split("?")[0].strip("/").split("/")
@@ -176,21 +198,13 @@ class FakeApiServer:
         assert rest[0] == "namespaces", path
         return group, rest[1], rest[2], rest[3] if len(rest) > 3 else None
 
-    def answer(self, h, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
     def status(self, h, code: int, reason: str, message: str) -> None:
         self.answer(h, code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
                               "message": message, "code": code})
 
     def handle(self, h, method: str) -> None:
         group, ns, resource, name = self.parse(h.path)
-        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"null")
+        body = self.body(h)
         self.requests.append((method, group, resource))
         if method == "POST":
             key = (group, ns, resource, body["metadata"]["name"])
@@ -289,13 +303,14 @@ def granted(path: Path) -> set[tuple[str, str, str]]:
             for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
-def test_every_request_is_granted_by_kubeflow_edit_and_the_standalone_role(api, model_dir, s3_env):
+def test_every_request_is_granted_by_kubeflow_edit_and_the_standalone_role(api, registry, model_dir, s3_env):
     """A whole deploy asks only for what kubeflow-edit (the profile's default-editor) grants: the
     InferenceService through KServe's aggregated kubeflow-kserve-edit, the Secret and ServiceAccount through
     Kubeflow's kubeflow-kubernetes-edit/-view. The roles are vendored from KServe 0.13.0 (the narrowest
     kubeflow-kserve-edit of 0.13 -> 0.16) and kubeflow/manifests."""
     storage = f"s3://deploy-{uuid.uuid4().hex[:8]}/p"
-    done = d.deploy(str(model_dir), storage, target(), client_of(api), timeout=5, poll=0.01)
+    done = d.deploy(str(model_dir), storage, target(), client_of(api), registry=registry.url, timeout=5, poll=0.01)
+    assert done.registry_version == registry.of("model_versions", name=done.model.model_id)[0]["id"]
     d.deploy(str(model_dir), storage, target(), client_of(api), timeout=5, poll=0.01)  # the update path too
     asked = {(g, r, VERB[m]) for m, g, r in api.requests}
     assert ("serving.kserve.io", "inferenceservices", "update") in asked
@@ -311,6 +326,83 @@ def test_every_request_is_granted_by_kubeflow_edit_and_the_standalone_role(api, 
             for v in rule["verbs"]} == asked
     binding = next(o for o in objects if o["kind"] == "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+
+
+# --- the Model Registry ---------------------------------------------------------------------------------
+
+class FakeRegistry(JsonServer):
+    """The Model Registry's REST API, as much of it as registering a model and finding it again uses (v1, or
+    ``api``: the v1alpha3 of registries before v1)."""
+
+    def __init__(self, api: str = "v1"):
+        self.objects, self.requests, self.ids = {}, [], iter(range(1, 10 ** 6))
+        self.API = f"/api/model_registry/{api}/"
+        super().__init__()
+
+    def of(self, kind: str, **match) -> list[dict]:
+        return [o for (k, _), o in self.objects.items() if k == kind and all(o.get(f) == v for f, v in match.items())]
+
+    def handle(self, h, method: str) -> None:
+        url = urlparse(h.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = self.body(h)
+        self.requests.append((method, url.path, query, body))
+        path = url.path[len(self.API):].split("/") if url.path.startswith(self.API) else []
+        if method == "GET" and path == ["registered_models"]:
+            items = self.of("registered_models")
+            return self.answer(h, 200, {"items": items, "nextPageToken": "", "pageSize": len(items),
+                                        "size": len(items)})
+        if method == "GET" and path in (["registered_model"], ["model_version"]):  # find by name (and parent)
+            parent = {"registeredModelId": query["parentResourceId"]} if "parentResourceId" in query else {}
+            found = self.of(path[0] + "s", name=query["name"], **parent)
+            return self.answer(h, 200, found[0]) if found else self.answer(h, 404, {"code": "404", "message": "none"})
+        if method == "POST" and len(path) == 1:
+            return self.answer(h, 201, self.create(path[0], body))
+        if method == "POST" and len(path) == 3 and path[0] == "model_versions" and path[2] == "artifacts":
+            return self.answer(h, 201, self.create("model_artifacts", {**body, "modelVersionId": path[1]}))
+        return self.answer(h, 404, {"code": "404", "message": f"no route {method} {url.path}"})
+
+    def create(self, kind: str, body: dict) -> dict:
+        n = str(next(self.ids))
+        self.objects[(kind, n)] = {**body, "id": n, "createTimeSinceEpoch": "1", "lastUpdateTimeSinceEpoch": "1"}
+        return self.objects[(kind, n)]
+
+
+@pytest.fixture
+def registry():
+    server = FakeRegistry()
+    yield server
+    server.close()
+
+
+def test_registers_the_model_once_through_the_registry_client(registry):
+    """The real model-registry client against its REST API: the registered model is the service's name, the
+    version the model id, the artifact the store folder in ONNX; deploying the same model again adds nothing."""
+    model = published()
+    first = d.register(registry.url, "pneumonia", model)
+    [rm] = registry.of("registered_models")
+    [version] = registry.of("model_versions")
+    [artifact] = registry.of("model_artifacts")
+    assert rm["name"] == "pneumonia" and first == version["id"]
+    assert (version["name"], version["registeredModelId"]) == (model.model_id, rm["id"])
+    assert version["customProperties"]["threshold"]["double_value"] == 0.31
+    assert (artifact["uri"], artifact["modelFormatName"], artifact["modelVersionId"]) == (model.uri, "onnx", first)
+    posts = sum(m == "POST" for m, *_ in registry.requests)
+    assert d.register(registry.url, "pneumonia", model) == first
+    assert sum(m == "POST" for m, *_ in registry.requests) == posts  # nothing new
+
+
+def test_a_registry_without_the_v1_api_is_one_line():
+    """The locked client speaks /api/model_registry/v1; a registry serving only v1alpha3 is refused in one line
+    that says so and how to deploy without registering."""
+    old = FakeRegistry("v1alpha3")
+    try:
+        with pytest.raises(d.DeployError, match=r"^Model Registry http://127.*does not answer /api/model_registry/v1/"
+                           r".*v1alpha3.*PNEUMONIA_KFP_MODEL_REGISTRY unset") as e:
+            d.register(old.url, "pneumonia", published())
+        assert "\n" not in str(e.value) and old.objects == {}
+    finally:
+        old.close()
 
 
 # --- the model in the store, the CLI ----------------------------------------------------------------------
