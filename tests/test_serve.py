@@ -4,6 +4,7 @@ probabilities; hostile requests get a 4xx with a reason and the server carries o
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -219,9 +220,17 @@ def test_a_chunked_body_over_the_limit_is_refused_too(server):
     assert _get(server, "/v2/health/ready") == (200, {"ready": True})
 
 
-def test_a_busy_port_or_a_missing_model_is_one_line(model, tmp_path, capsys):
-    import socket
+def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_the_body(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {10 * LIMIT_MB * 2**20}\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    assert answer.startswith("HTTP/1.1 413") and "over 1 MiB" in answer, answer
+    assert _get(server, "/v2/health/ready") == (200, {"ready": True})
 
+
+def test_a_busy_port_or_a_missing_model_is_one_line(model, tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
