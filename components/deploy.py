@@ -46,7 +46,7 @@ def deploy_op(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     with open(summary.path) as f:
         results = read_results(json.load(f), "results.json")
-    _, model = model_source(results, summary.path)  # the best trained model by validation: its model artifact
+    model = model_source(results, summary.path)  # the best trained model by validation: its model artifact
     # the store's endpoint and keys as this pod has them (the profile's Secret) are what KServe gets
     target = Target(serve_name, current_namespace(), image, os.environ.get(ENDPOINT_ENV, "localhost:9000"),
                     *store_keys())

@@ -89,18 +89,18 @@ def read_results_file(path: str | Path) -> dict:
     return read_results(doc, str(file))
 
 
-def model_source(results: dict, run: str | Path) -> tuple[str, str]:
-    """(best trained backbone, where its model directory is): run-local's OUT/models/<backbone> when it is
-    there, else the model_uri that evaluate recorded (the pipeline's model artifact)."""
+def model_source(results: dict, run: str | Path) -> str:
+    """Where the best trained model's directory is: run-local's OUT/models/<backbone> when it is there, else
+    the model_uri that evaluate recorded (the pipeline's model artifact)."""
     where = str(run)
     best = best_trained_model(results, where)
     local = Path(run) / MODELS / best["backbone"] if Path(run).is_dir() else None
     if local is not None and local.is_dir():
-        return best["backbone"], str(local)
+        return str(local)
     if not best.get("model_uri"):
         raise DeployError(f"{where}: the results of {best['backbone']} name no model_uri and there is no "
                           f"{local or 'models/' + best['backbone']}: pass --model DIR")
-    return best["backbone"], best["model_uri"]
+    return best["model_uri"]
 
 
 def store_uri(uri: str) -> str:
@@ -137,15 +137,14 @@ def _local_dir(source: str) -> Path | None:
 
 def _download(source: str, folder: Path) -> None:
     """The model files of the store URI ``source`` into ``folder``; the optional ones may be missing."""
-    from pneumonia_kfp.storage import StorageError, open_store
+    from pneumonia_kfp.storage import NotFound, open_store
 
     store = open_store(store_uri(source))
     for name in MODEL_FILES:
         try:
             store.get_file(name, folder / name)
-        except StorageError as e:
-            if e.code not in ("NoSuchKey", "NoSuchObject"):
-                raise
+        except NotFound:
+            pass
     if not (folder / MODEL_FILES[0]).is_file():
         raise DeployError(f"model {source}: no {MODEL_FILES[0]} there; is it a model directory of train?")
 
@@ -182,7 +181,7 @@ def publish(source: str, storage: str, dry_run: bool = False) -> Published:
 
 def s3_endpoint(raw: str) -> tuple[str, bool]:
     """(host:port, https?) of MINIO_ENDPOINT's forms: host:port or http(s)://host:port (MINIO_SECURE=true:
-    https for a bare host:port, as the store's own client reads it)."""
+    https for a bare host:port), read as storage.minio_client_from_env reads it, here for the cluster's view."""
     parsed = urlparse(raw if "://" in raw else f"//{raw}")
     if not parsed.netloc:
         raise UsageError(f"S3 endpoint {raw!r} is not host:port or http(s)://host:port")
@@ -224,6 +223,7 @@ def objects(target: Target, model: Published) -> list[dict]:
         "env": [{"name": "STORAGE_URI", "value": model.uri}],
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
         "resources": SERVE_RESOURCES,
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},  # the image runs as 1000
     }
     service = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
                "metadata": {"name": t.name, "namespace": t.namespace,
@@ -234,16 +234,16 @@ def objects(target: Target, model: Published) -> list[dict]:
     return [secret, account, service]
 
 
-def to_yaml(items: list[dict], redact: bool = True) -> str:
+def to_yaml(items: list[dict]) -> str:
     """The objects as one multi-document YAML stream, as ``kubectl apply --dry-run=client -o yaml`` shows
-    them; the Secret's values replaced unless ``redact`` is false (terminals and pipeline logs are kept)."""
+    them, but the Secret's values redacted (terminals and logs are kept)."""
     import copy
 
     import yaml
 
     shown = copy.deepcopy(items)
     for o in shown:
-        if redact and o["kind"] == "Secret":
+        if o["kind"] == "Secret":
             o["stringData"] = {k: REDACTED for k in o["stringData"]}
     return "---\n".join(yaml.safe_dump(o, sort_keys=False) for o in shown)
 
@@ -448,6 +448,11 @@ class Deployed:
 def deploy(source: str, storage: str, target: Target, api_client, registry: str = "", timeout: float = 900,
            poll: float = 5) -> Deployed:
     """Publish the model, register it when a registry is given, apply the objects and wait for Ready."""
+    from pneumonia_kfp.storage import ACCESS_KEY_ENV, SECRET_KEY_ENV
+
+    if not (target.access_key and target.secret_key):  # else the storage-initializer fails, far from here
+        raise UsageError(f"the store's keys are not set ({ACCESS_KEY_ENV}, {SECRET_KEY_ENV}): KServe's "
+                         "storage-initializer reads the model with them")
     model = publish(source, storage)
     version = register(registry, target.name, model) if registry else ""
     generation = apply(api_client, objects(target, model))
@@ -463,7 +468,7 @@ def command(name: str, settings, model: str | None = None, run: str | None = Non
     from pneumonia_kfp.service_name import check_name
 
     check_name(name, "--name")
-    source = model if model else model_source(read_results_file(run), run)[1]
+    source = model if model else model_source(read_results_file(run), run)
     namespace = namespace or current_namespace()
     storage = storage or settings.storage.format(namespace=namespace)
     target = Target(name, namespace, settings.image, settings.minio.endpoint, *store_keys())

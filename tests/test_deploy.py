@@ -450,6 +450,28 @@ def test_dry_run_prints_every_object_and_applies_nothing(model_dir, s3_env, caps
         assert e.code == "NoSuchBucket"
 
 
+def use_kubeconfig(api: FakeApiServer, tmp_path, monkeypatch) -> None:
+    """A kube config whose current context is the fake API server, namespace team-a, as on a laptop."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": "team-a"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+def test_deploy_without_the_stores_keys_is_one_line_and_applies_nothing(api, model_dir, s3_env, tmp_path, capsys,
+                                                                       monkeypatch):
+    use_kubeconfig(api, tmp_path, monkeypatch)
+    monkeypatch.delenv("MINIO_SECRET_KEY")
+    code = main(["deploy", "--model", str(model_dir), "--name", "xray", "--storage", "s3://bucket/p"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "MINIO_SECRET_KEY" in err
+    assert api.requests == []
+
+
 def test_deploy_from_a_run_local_output_through_the_kube_config(api, trained, s3_env, tmp_path, capsys,
                                                                   monkeypatch):
     """`pneumonia-kfp deploy --run OUT` picks OUT/models/<best by validation> and applies through the kube
@@ -463,14 +485,7 @@ def test_deploy_from_a_run_local_output_through_the_kube_config(api, trained, s3
     out = tmp_path / "out"
     shutil.copytree(model_dir, out / "models" / "resnet18")
     (out / "results.json").write_text(document(combine({}, [result])))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": "team-a"}}],
-        "users": [{"name": "me", "user": {"token": "t"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    use_kubeconfig(api, tmp_path, monkeypatch)
     code = main(["deploy", "--run", str(out), "--name", "xray", "--storage", f"s3://deploy-{uuid.uuid4().hex[:8]}/p",
                  "--timeout", "5"])
     stdout, err = capsys.readouterr()
