@@ -17,7 +17,9 @@ from pneumonia_kfp.procs import stoppable
 from pneumonia_kfp.telemetry import progress_mode
 
 # the parameters each command takes, all defined in pneumonia_kfp.params
-RUN_LOCAL_PARAMS = [p.name for p in PARAMS]
+# serve_name is for cluster runs: from a local run's output, `pneumonia-kfp deploy --run OUT` serves the best model
+# with the cluster's settings (image, the store's endpoint as the cluster reaches it)
+RUN_LOCAL_PARAMS = [p.name for p in PARAMS if p.name != "serve_name"]
 INGEST_PARAMS = ["data", "storage", "image_size", "seed", "on_invalid"]
 
 

@@ -503,6 +503,13 @@ def test_a_file_store_is_refused_in_one_line(model_dir, capsys):
 
 # --- the pipeline -----------------------------------------------------------------------------------------
 
+def test_run_local_takes_no_serve_name(capsys):
+    """A local run deploys nothing: `pneumonia-kfp deploy --run OUT` does, with the cluster's settings."""
+    with pytest.raises(SystemExit):
+        main(["run-local", "--output", "out", "--serve-name", "pneumonia"])
+    assert "unrecognized arguments: --serve-name" in capsys.readouterr().err
+
+
 def test_the_pipeline_deploys_only_when_serve_name_is_set(tmp_path):
     path = tmp_path / "p.yaml"
     assert main(["compile", "-o", str(path), "--image", "ghcr.io/x/pneumonia-kfp:1"]) == 0
