@@ -168,62 +168,65 @@ class EpochPlan:
     """What every epoch of one training run shares."""
     name: str
     epochs: int
-    images: object  # uint8 N×1×S×S on the device
-    labels: object
-    batch_size: int
+    data: object  # distributed.TrainShard: this rank's training images, every label
+    batch_size: int  # the global batch, split across the ranks
     mean: float
     std: float
     policy: str
-    loss_fn: object
-    step_model: object  # the model, or its torch.compile'd form
+    loss: object  # distributed.GlobalBatchLoss
+    step_model: object  # the model, its DDP wrapper, or their torch.compile'd form
 
     @property
     def steps(self) -> int:
-        return max(1, len(self.images) // self.batch_size)
+        return max(1, self.data.count // self.batch_size)
 
 
 def run_epoch(state: TrainingState, plan: EpochPlan) -> dict:
     """One pass over the training images; the row's throughput counts the images actually seen."""
     import torch
 
+    from pneumonia_kfp.distributed import batch_of
     from pneumonia_kfp.telemetry import progress
 
     state.model.train()
-    device = plan.images.device
+    device = plan.data.device
     start, total_loss, seen = time.perf_counter(), torch.zeros((), device=device), 0
-    order = torch.randperm(len(plan.images), device=device, generator=state.generator)
+    # every rank draws the same order and augmentation (the global batch's): distributed.py's rule
+    order = torch.randperm(plan.data.count, device=device, generator=state.generator)
     first_step = (state.epoch) * plan.steps
+    steps = plan.data.epoch(order, plan.batch_size, plan.steps)
     for step in progress(range(plan.steps), desc=f"{plan.name} epoch {state.epoch + 1}/{plan.epochs}", unit="batch"):
-        idx = order[step * plan.batch_size:(step + 1) * plan.batch_size]
-        x = training_batch(plan.images, idx, state.generator, plan.mean, plan.std, plan.policy)
-        total_loss += training_step(plan.step_model, x, plan.labels[idx], plan.loss_fn, state.optimizer,
-                                    state.scaler)
+        rows = next(steps)
+        x = batch_of(rows, state.generator, plan.mean, plan.std, plan.policy)
+        total_loss += training_step(plan.step_model, x, rows.labels, plan.loss.of_batch(rows.batch_labels),
+                                    state.optimizer, state.scaler)
         state.scheduler.step()
         if state.ema is not None:
             state.ema.update(state.model, step=first_step + step + 1)
-        seen += len(idx)
+        seen += rows.count  # the global batch: every rank counts the images all of them saw
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {"epoch": state.epoch + 1, "train_loss": total_loss.item() / plan.steps, "images": seen,
-            "seconds": seconds, "images_per_second": seen / seconds}
+            "seconds": seconds, "images_per_second": seen / seconds, "world_size": plan.data.world.size}
 
 
-def validate(model, images, labels, mean: float, std: float, tta: bool = False) -> dict:
-    """Validation probability of the positive class, loss (binary cross-entropy) and AUC."""
+def validate(model, images, labels, mean: float, std: float, tta: bool = False, world=None) -> dict:
+    """Validation probability of the positive class, loss (binary cross-entropy) and AUC; with several
+    ranks each predicts its part and every rank gets the whole (so all choose alike)."""
     import torch
 
-    from pneumonia_kfp.inference import predict
+    from pneumonia_kfp.distributed import SOLO, predict_all
     from pneumonia_kfp.metrics import auc
 
-    prob = predict(model, images, mean, std, tta=tta)
+    prob = predict_all(model, images, mean, std, tta, world or SOLO)
     loss = float(torch.nn.functional.binary_cross_entropy(
         torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(labels).double()))
     return {"prob": prob, "val_loss": loss, "val_auc": auc(labels, prob)}
 
 
 def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_rate: float, seed: int,
-                recipe: Recipe, pretrained: bool, weights: str) -> TrainingState:
+                recipe: Recipe, pretrained: bool, weights: str, world=None) -> TrainingState:
     import torch
 
     from pneumonia_kfp.backbones import create_backbone
@@ -232,6 +235,10 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
 
     model = device_layout(create_backbone(backbone, num_classes=2, pretrained=pretrained, weights=weights).to(device),
                           device)
+    if world is not None and world.size > 1:  # BatchNorm over the global batch, as one process would
+        from pneumonia_kfp.distributed import sync_batchnorm
+
+        model = sync_batchnorm(model, device)
     ema = None
     if recipe.ema:
         from timm.utils import ModelEmaV3
@@ -246,14 +253,14 @@ def build_state(backbone: str, device, plan_steps: int, epochs: int, learning_ra
 
 
 def select(state: TrainingState, val: Split, class_names: list[str], mean, std, threshold_rule: str, tta: bool,
-           seed: int) -> dict:
+           seed: int, world=None) -> dict:
     """Load the kept epoch's weights; its validation predictions, thresholds of every rule and report."""
     from pneumonia_kfp.inference import predictions_block
     from pneumonia_kfp.metrics import classification_report, thresholds
 
     model = state.model
     model.load_state_dict(state.best["state"])
-    prob = validate(model, val.images, val.labels, mean, std, tta=True)["prob"] if tta \
+    prob = validate(model, val.images, val.labels, mean, std, tta=True, world=world)["prob"] if tta \
         else state.best["prob"].cpu().numpy()
     rules = thresholds(val.labels, prob)
     return {
@@ -285,40 +292,50 @@ class Run:
     tta: bool = default("tta")
 
 
-def fit(train: Split, val: Split, recipe: Recipe, run: Run, device, class_names: list[str], states=None):
+def fit(train: Split, val: Split, recipe: Recipe, run: Run, device, class_names: list[str], states=None,
+        world=None):
     """Learn ``run.backbone`` from ``train``, keep the epoch with the best validation AUC and pick the
     thresholds on ``val``. ``states``: where the training state is saved after every epoch and resumed
     from (resume.state_store), None: nowhere. Returns (the model with the kept epoch's weights, its record:
-    normalisation, best epoch, timings, history and ``select``'s thresholds and validation figures)."""
+    normalisation, best epoch, timings, history and ``select``'s thresholds and validation figures).
+    ``world``: this process's rank among torchrun's (distributed.py: the sharding, batch and writer rules)."""
     import torch
 
+    from pneumonia_kfp import distributed
     from pneumonia_kfp.backbones import grayscale_normalization
     from pneumonia_kfp.telemetry import TrainTelemetry
 
+    world = world or distributed.SOLO
+    distributed.check_batch(run.batch_size, world)
     torch.manual_seed(run.seed)
-    # the whole uint8 training set lives on the device; batches are indexed there
-    images, labels = to_device(train.images, device), to_device(train.labels, device)
-    steps = max(1, len(images) // run.batch_size)
+    # this rank's uint8 training images live on its device (batches are indexed there), or, past the
+    # device's data budget, in host memory
+    data = distributed.TrainShard(train.images, train.labels, world, device, distributed.device_budget(device))
+    steps = max(1, data.count // run.batch_size)
     state = build_state(run.backbone, device, steps, run.epochs, run.learning_rate, run.seed, recipe, run.pretrained,
-                        run.weights)
+                        run.weights, world)
     mean, std = grayscale_normalization(state.model)
-    plan = EpochPlan(run.backbone, run.epochs, images, labels, run.batch_size, mean, std, recipe.augmentation,
-                     balanced_loss(labels, recipe.label_smoothing),
-                     torch.compile(state.model) if run.compile_model else state.model)
+    step_model = distributed.data_parallel(state.model, device, world)
+    plan = EpochPlan(run.backbone, run.epochs, data, run.batch_size, mean, std, recipe.augmentation,
+                     distributed.GlobalBatchLoss(balanced_loss(data.labels, recipe.label_smoothing), world),
+                     torch.compile(step_model) if run.compile_model else step_model)
     saved = resume.load(states) if states is not None else None
     if saved:  # a restarted task (preempted pod, retry): carry on after the last finished epoch
         state.load_state_dict(saved)
         log.warning("%s: resuming after epoch %d from %s", run.backbone, state.epoch, states.uri_of("last.pt"))
     # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
     telemetry = TrainTelemetry(run.backbone, run.epochs, history=state.history,
-                               samples_per_epoch=min(plan.steps * run.batch_size, len(images)))
+                               samples_per_epoch=min(plan.steps * run.batch_size, data.count))
     while state.epoch < run.epochs:
         row = fit_epoch(state, plan, val)
         telemetry.epoch_done(row, samples=row["images"])
-        if states is not None:
+        if states is not None and world.main:  # one writer; the state is the same on every rank
             resume.save(states, state.state_dict())
+        # after the save: a task killed once this line is out resumes after this epoch
+        log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", run.backbone, state.epoch,
+                 run.epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["images_per_second"])
     telemetry.done()
-    chosen = select(state, val, class_names, mean, std, run.threshold_rule, run.tta, run.seed)
+    chosen = select(state, val, class_names, mean, std, run.threshold_rule, run.tta, run.seed, world)
     return state.model, {
         "mean": mean, "std": std, "best_epoch": state.best["epoch"], "seconds": state.train_seconds,
         "images_per_second": sum(r["images"] for r in state.history) / state.train_seconds,
@@ -339,7 +356,7 @@ def fit_epoch(state: TrainingState, plan: EpochPlan, val: Split) -> dict:
     import torch
 
     row = run_epoch(state, plan)
-    scored = validate(state.eval_model, val.images, val.labels, plan.mean, plan.std)
+    scored = validate(state.eval_model, val.images, val.labels, plan.mean, plan.std, world=plan.data.world)
     row.update(val_loss=scored["val_loss"], val_auc=scored["val_auc"])
     state.history.append(row)
     state.train_seconds += row["seconds"]
@@ -347,8 +364,6 @@ def fit_epoch(state: TrainingState, plan: EpochPlan, val: Split) -> dict:
     if improves(row, state.best):
         state.best = {**row, "state": copy.deepcopy(state.eval_model.state_dict()),
                       "prob": torch.from_numpy(scored["prob"])}
-    log.info("%s epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.4f  %.0f img/s", plan.name, state.epoch,
-             plan.epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["images_per_second"])
     return row
 
 
@@ -365,6 +380,7 @@ def train(
     threshold, every rule's threshold). A restarted task resumes from its last finished epoch.
     """
     from pneumonia_kfp import device as devices
+    from pneumonia_kfp import distributed
     from pneumonia_kfp.backbones import save_checkpoint
 
     check_run_params({"backbones": [backbone], "epochs": epochs, "batch_size": batch_size,
@@ -373,16 +389,20 @@ def train(
     data = load(dataset_uri, seed)
     run = Run(backbone, epochs, batch_size, learning_rate, seed, pretrained, weights, compile_model, threshold_rule,
               tta)
+    # the world size is not part of the identity: a run's batches and updates do not depend on it
+    # (distributed.py), so a task preempted at one size resumes at another
     states = resume.state_store(dataset_uri, {
         "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "pretrained": pretrained, "weights": weights, "recipe": recipe.record(),
         **devices.identity(device),
     })
-    model, fitted = fit(data.train, data.val, recipe, run, device, data.class_names, states)
+    with distributed.joined(device) as world:
+        model, fitted = fit(data.train, data.val, recipe, run, device, data.class_names, states, world)
     meta = checkpoint_meta(
         backbone=backbone, classes=data.class_names, image_size=int(data.train.images.shape[-1]), epochs=epochs,
         pretrained=pretrained, dataset_uri=dataset_uri, val_source=data.val_source, recipe=recipe.record(),
         device=str(device), **fitted,
     )
-    save_checkpoint(checkpoint_path, model, **meta)
+    if world.main:  # the one writer
+        save_checkpoint(checkpoint_path, model, **meta)
     return meta

@@ -147,6 +147,7 @@ class HostReads(TorchDispatchMode):
 def test_a_training_epoch_reads_back_once_however_many_steps(policy, monkeypatch):
     """fp16 autocast with its grad scaler (the V100/T4 path) run on the CPU: the epoch's loss is read
     once at its end; no step reads anything back (a GPU would make the host wait every step)."""
+    from pneumonia_kfp.distributed import SOLO, GlobalBatchLoss, TrainShard
     from pneumonia_kfp.training import EpochPlan, Recipe, build_state, run_epoch
 
     monkeypatch.setattr(devices, "amp_dtype", lambda device: torch.float16)
@@ -154,8 +155,9 @@ def test_a_training_epoch_reads_back_once_however_many_steps(policy, monkeypatch
     state = build_state("test_resnet", cpu, 6, 1, 1e-3, 0, Recipe(augmentation=policy), False, "")
     assert state.scaler.is_enabled()
     images = torch.randint(0, 256, (24, 1, 32, 32), dtype=torch.uint8)
-    plan = EpochPlan("t", 1, images, torch.arange(24) % 2, 4, 0.5, 0.25, policy, torch.nn.CrossEntropyLoss(),
-                     state.model)
+    data = TrainShard(images.numpy(), (torch.arange(24) % 2).numpy(), SOLO, cpu, float("inf"))
+    plan = EpochPlan("t", 1, data, 4, 0.5, 0.25, policy,
+                     GlobalBatchLoss(torch.nn.CrossEntropyLoss(weight=torch.ones(2)), SOLO), state.model)
     with HostReads() as reads:
         row = run_epoch(state, plan)
     assert row["images"] == 24 and reads.counts == {"read back": 1}
