@@ -503,6 +503,31 @@ def test_a_file_store_is_refused_in_one_line(model_dir, capsys):
 
 # --- the pipeline -----------------------------------------------------------------------------------------
 
+def test_the_pipeline_steps_code_deploys_the_reports_best_model(api, trained, s3_env, tmp_path, monkeypatch):
+    """deploy_op's own function (what the step's container runs): results.json from report -> the best model's
+    artifact (model_uri) -> store -> objects applied in the pod's namespace -> the URL as an output."""
+    from types import SimpleNamespace
+
+    from pneumonia_kfp.components.deploy import deploy_op
+    from pneumonia_kfp.evaluation import combine
+    from pneumonia_kfp.outputs import document
+
+    model_dir, result = trained
+    summary = tmp_path / "summary"
+    summary.write_text(document(combine({}, [{**result, "model_uri": str(model_dir)}])))
+    use_kubeconfig(api, tmp_path, monkeypatch)  # the kube config's namespace stands in for the pod's
+    storage = f"s3://deploy-{uuid.uuid4().hex[:8]}/p"
+    out = deploy_op.python_func(summary=SimpleNamespace(path=str(summary)), storage=storage, serve_name="xray",
+                                image="ghcr.io/x/pneumonia-kfp:1", timeout_seconds=5)
+    assert out.url == "http://xray.team-a.example.com" and out.registry_version == ""
+    assert out.model_uri.startswith(f"{storage}/models/resnet18-") and out.model_id.startswith("resnet18@sha256:")
+    service = api.objects[("serving.kserve.io", "team-a", "inferenceservices", "xray")]
+    assert service["spec"]["predictor"]["containers"][0]["image"] == "ghcr.io/x/pneumonia-kfp:1"
+    secret = api.objects[("", "team-a", "secrets", "xray-s3")]
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key"}
+    assert secret["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] == s3_env  # the pod's MINIO_ENDPOINT
+
+
 def test_run_local_takes_no_serve_name(capsys):
     """A local run deploys nothing: `pneumonia-kfp deploy --run OUT` does, with the cluster's settings."""
     with pytest.raises(SystemExit):
