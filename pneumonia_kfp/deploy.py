@@ -283,6 +283,11 @@ class _Api:
         return self.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, o)
 
 
+FORBIDDEN_HINT = ("; this identity may not create, get or update secrets, serviceaccounts or inferenceservices "
+                  "here (Kubeflow profiles: default-editor may; standalone Kubeflow Pipelines: "
+                  "kubectl apply -k manifests/deploy/standalone)")
+
+
 def _generation(answer) -> int | None:
     meta = answer.get("metadata", {}) if isinstance(answer, dict) else answer.metadata.to_dict()
     return meta.get("generation")
@@ -312,7 +317,9 @@ def apply(api_client, items: list[dict], attempts: int = 3) -> int | None:
             except ApiException as e:
                 if e.status == 409 and attempt + 1 < attempts:
                     continue
-                raise DeployError(f"{what}: the API server answered {e.status} {e.reason}: {_message(e)}") from None
+                hint = FORBIDDEN_HINT if e.status == 403 else ""
+                raise DeployError(f"{what}: the API server answered {e.status} {e.reason}: {_message(e)}{hint}"
+                                  ) from None
         generation = _generation(answer) if o["kind"] == "InferenceService" else generation
     return generation
 

@@ -187,6 +187,8 @@ class FakeApiServer(JsonServer):
     def __init__(self, lag: int = 0):
         self.objects, self.requests, self.lag, self.reads = {}, [], lag, 0
         self.version = 0
+        self.conflicts = 0  # replaces answered 409 Conflict first, as when another writer got in between
+        self.forbidden: set[str] = set()  # resources this identity may not touch (RBAC)
         super().__init__()
 
     @staticmethod
@@ -206,6 +208,9 @@ class FakeApiServer(JsonServer):
         group, ns, resource, name = self.parse(h.path)
         body = self.body(h)
         self.requests.append((method, group, resource))
+        if resource in self.forbidden:
+            return self.status(h, 403, "Forbidden", f'{resource} is forbidden: User "system:serviceaccount:'
+                               f'{ns}:pipeline-runner" cannot {method.lower()} resource "{resource}"')
         if method == "POST":
             key = (group, ns, resource, body["metadata"]["name"])
             if key in self.objects:
@@ -216,6 +221,9 @@ class FakeApiServer(JsonServer):
             return self.status(h, 404, "NotFound", f"{resource} \"{name}\" not found")
         if method == "PUT":
             current = self.objects[key]
+            if self.conflicts:
+                self.conflicts -= 1
+                current = self.store(key, current, current["metadata"]["generation"])  # another writer's change
             if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
                 return self.status(h, 409, "Conflict", "the object has been modified")
             changed = body.get("spec") != current.get("spec")
@@ -269,6 +277,7 @@ def test_create_then_update_waits_for_the_new_generation(api):
     assert [m for m, _, _ in api.requests[:3]] == ["POST"] * 3
 
     api.lag, api.reads = 3, 0  # the controller takes three reads to reconcile the change
+    api.conflicts = 1  # and someone else writes the Secret between our read and our replace: read again
     second = d.objects(target(), published("s3://bucket/p/models/resnet18-fedcba9876543210"))
     generation = d.apply(kube, second)
     assert generation == 2
@@ -278,6 +287,14 @@ def test_create_then_update_waits_for_the_new_generation(api):
     assert stored["spec"]["predictor"]["containers"][0]["env"][0]["value"].endswith("fedcba9876543210")
     assert {(m, r) for m, _, r in api.requests[3:]} >= {("POST", "secrets"), ("GET", "secrets"), ("PUT", "secrets"),
                                                         ("PUT", "serviceaccounts"), ("PUT", "inferenceservices")}
+    assert [m for m, _, r in api.requests[3:] if r == "secrets"] == ["POST", "GET", "PUT", "POST", "GET", "PUT"]
+
+
+def test_forbidden_is_one_line_saying_which_role_grants_it(api):
+    api.forbidden = {"inferenceservices"}
+    with pytest.raises(d.DeployError, match=r"^InferenceService .*/pneumonia: the API server answered 403 "
+                       r"Forbidden: .*cannot post.*manifests/deploy/standalone\)$"):
+        d.apply(client_of(api), d.objects(target(), published()))
 
 
 def test_not_ready_in_time_is_one_line_with_the_condition(api):
