@@ -3,6 +3,10 @@
 Both run the same model, optimizer and autocast settings for the same number of steps; the
 ceiling skips only the data path (indexing the uint8 images, augmentation, normalisation).
 Prints one JSON line per backbone: {"backbone", "device", "img_s", "ceiling_img_s", "fraction"}.
+
+``--streamed``: also training's own data path (distributed.TrainShard) with the images on the device
+(resident) and streamed from host memory one batch ahead (as when a shard exceeds the device data
+budget), and the switch point: how many images of this size one device holds before it streams.
 """
 import argparse
 import json
@@ -46,6 +50,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--streamed", action="store_true", help="also time the data path resident vs streamed from host "
+                   "memory, and report the switch point")
     a = p.parse_args()
     device = select_device()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,11 +76,34 @@ def main():
         args = (a.steps, loss_fn, optimizer, scaler, device)
         ceiling = timed_steps(run_model, lambda x=synthetic, y=fixed_y: (x, y), *args)
         real = timed_steps(run_model, project_batch, *args)
+        extra = streamed_vs_resident(x_all, y_all, device, batch, mean, std, generator, run_model, args) \
+            if a.streamed else {}
         print(json.dumps({"benchmark": "train_throughput", "backbone": name, "device": torch.cuda.get_device_name()
                           if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                           "image_size": a.image_size, "batch_size": batch, "compile": a.compile,
                           "img_s": round(real, 1), "ceiling_img_s": round(ceiling, 1),
-                          "fraction": round(real / ceiling, 3)}))
+                          "fraction": round(real / ceiling, 3), **extra}))
+
+
+def streamed_vs_resident(x_all, y_all, device, batch, mean, std, generator, model, args) -> dict:
+    """Training's data path (one process) with the images resident on the device and streamed from host
+    memory; the switch point is the device data budget over one image's bytes."""
+    from pneumonia_kfp.distributed import SOLO, TrainShard, batch_of, device_budget
+
+    def batches(shard):
+        while True:
+            order = torch.randperm(shard.count, device=device, generator=generator)
+            for step in shard.epoch(order, batch, max(1, shard.count // batch)):
+                yield batch_of(step, generator, mean, std, "default"), step.labels
+
+    rates = {}
+    for kind, budget in (("resident", float("inf")), ("streamed", 0)):
+        stream = batches(TrainShard(x_all, y_all, SOLO, device, budget))
+        rates[kind] = timed_steps(model, lambda s=stream: next(s), *args)
+    switch = device_budget(device) / x_all[0].nbytes
+    return {"resident_img_s": round(rates["resident"], 1), "streamed_img_s": round(rates["streamed"], 1),
+            "streamed_fraction": round(rates["streamed"] / rates["resident"], 3),
+            "image_bytes": int(x_all[0].nbytes), "switch_images": None if switch == float("inf") else int(switch)}
 
 
 if __name__ == "__main__":

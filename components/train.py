@@ -10,7 +10,8 @@ def train_op(
     seed: int, pretrained: bool, pretrained_weights: str, compile_model: bool, threshold_rule: str, tta: bool,
     model: dsl.Output[dsl.Model],
 ):
-    """Train one timm backbone on the ingested dataset (GPU with AMP when present).
+    """Train one timm backbone on the ingested dataset (GPU with AMP when present; with several GPUs, or
+    run-local --ranks N, one torchrun rank each, DDP).
 
     Args:
         dataset: the ingested dataset version (its metadata carries the store URI).
@@ -34,15 +35,20 @@ def train_op(
         import logging
         import os
 
+        from pneumonia_kfp.distributed import run_ranks, task_ranks
         from pneumonia_kfp.export import CHECKPOINT, export_model
+        from pneumonia_kfp.train_worker import MODEL_METADATA
         from pneumonia_kfp.training import train
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         os.makedirs(model.path, exist_ok=True)
-        meta = train(dataset.metadata["uri"], backbone, os.path.join(model.path, CHECKPOINT), epochs=epochs,
-                     batch_size=batch_size, learning_rate=learning_rate, seed=seed, pretrained=pretrained,
-                     weights=pretrained_weights, compile_model=compile_model, threshold_rule=threshold_rule, tta=tta)
-        model.metadata.update({k: meta[k] for k in ("backbone", "best_epoch", "threshold", "threshold_rule",
-                                                    "image_size", "epochs", "pretrained", "seconds",
-                                                    "images_per_second")})
+        params = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                      pretrained=pretrained, weights=pretrained_weights, compile_model=compile_model,
+                      threshold_rule=threshold_rule, tta=tta)
+        ranks = task_ranks()  # one per GPU of the task (or run-local's --ranks): torchrun, DDP
+        if ranks > 1:
+            model.metadata.update(run_ranks(ranks, dataset.metadata["uri"], backbone, model.path, params))
+            return
+        meta = train(dataset.metadata["uri"], backbone, os.path.join(model.path, CHECKPOINT), **params)
+        model.metadata.update({k: meta[k] for k in MODEL_METADATA})
         model.metadata["formats"] = export_model(model.path)["formats"]

@@ -29,7 +29,7 @@ def run_local_cmd(args) -> int:
 
     params = from_args(args, RUN_LOCAL_PARAMS)
     return run_local(params, Path(args.output), args.storage, synthetic=not args.data, runner=args.runner,
-                     gpus=args.gpus, force=args.force)
+                     gpus=args.gpus, force=args.force, ranks=args.ranks)
 
 
 @stoppable
@@ -165,6 +165,12 @@ def gpus_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value!r}: expected all or a number of GPUs (1 or more)")
 
 
+def ranks_arg(value: str) -> int:
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: expected a number of torchrun ranks (1 or more)")
+
+
 def parser() -> argparse.ArgumentParser:
     from pneumonia_kfp.pipelines.pipeline import PIPELINE_NAME
     from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
@@ -183,6 +189,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", type=gpus_arg, metavar="all|N",
                    help="with --runner docker: NVIDIA GPUs for the train and evaluate tasks (NVIDIA's container "
                    "runtime); with several, each running task gets its own")
+    r.add_argument("--ranks", type=ranks_arg, default=1, metavar="N",
+                   help="run each train task as N torchrun ranks (DDP: gloo on the CPU, NCCL with a GPU each); the "
+                   "global batch is --batch-size split across them (default: 1)")
     r.add_argument("--force", action="store_true",
                    help="write into an --output that holds files run-local did not make (its own outputs there are "
                    "replaced), and train more than 32 backbones")

@@ -64,10 +64,21 @@ def check_backbone_count(backbones: list[str], force: bool) -> None:
 
 
 def run_local(params: dict, out: Path, storage: str | None, synthetic: bool, runner: str = "subprocess",
-              gpus: str | None = None, force: bool = False) -> int:
+              gpus: str | None = None, force: bool = False, ranks: int = 1) -> int:
     """Check everything that can be checked, lock OUT, then run the pipeline in a runner process (``_runner``):
-    its tasks as subprocesses here, or (``runner="docker"``) in the project's image."""
+    its tasks as subprocesses here, or (``runner="docker"``) in the project's image. ``ranks``: torchrun
+    ranks of each train task (pneumonia_kfp.distributed)."""
+    from pneumonia_kfp.distributed import RANKS_ENV
+
     check_backbone_count(params["backbones"], force)
+    if ranks > 1 and gpus:
+        raise UsageError("--ranks with --gpus: the docker runner gives each task one GPU, and each rank needs its "
+                         "own; use --runner subprocess (ranks on this machine's GPUs) or leave out --gpus")
+    if ranks > params["batch_size"]:
+        raise UsageError(f"--ranks {ranks} exceeds --batch-size {params['batch_size']}: the global batch is split "
+                         "across the ranks, each needs a share")
+    # the train tasks (subprocesses inherit it; the docker runner passes PNEUMONIA_KFP_* in) read it
+    os.environ[RANKS_ENV] = str(ranks)
     out = check_output(out.resolve())
     check_owner(out, force)
     lock = lock_output(out)

@@ -69,7 +69,7 @@ class Ingest(Resources):
 @dataclass
 class Train(Resources):
     accelerator: str = "nvidia.com/gpu"
-    accelerator_count: int = 1  # 0: train on CPU; at most 1
+    accelerator_count: int = 1  # 0: train on CPU; > 1: one torchrun rank (DDP) per GPU of the task
     tolerations: list = field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     node_selector: dict = field(default_factory=dict)
@@ -136,9 +136,9 @@ class Settings:
         _check("nodes", self.nodes, lambda v: v >= 1, "1 (train in the task) or more (a distributed job)")
         _check("train.distributed_engine", t.distributed_engine, lambda v: v in DISTRIBUTED_ENGINES,
                " or ".join(DISTRIBUTED_ENGINES))
-        # one node's task trains on one GPU; a distributed job runs one torchrun process per GPU of each node
-        _check("train.accelerator_count", t.accelerator_count, lambda v: v in (0, 1) or (self.nodes > 1 and v > 1),
-               "0 (CPU) or 1 (one GPU); GPUs per node when nodes > 1")
+        # a train task (or each node of a distributed job) runs one torchrun process per GPU
+        _check("train.accelerator_count", t.accelerator_count, lambda v: v >= 0,
+               "0 (CPU) or 1 (one GPU) or more (one torchrun rank per GPU; GPUs per node when nodes > 1)")
         _check("train.retries", t.retries, lambda v: v >= 0, "0 or more")
         _check("train.shm_size", t.shm_size, lambda v: MEMORY.match(v), "a memory quantity like 8Gi")
         for name in ("retry_backoff", "retry_backoff_max"):

@@ -27,10 +27,15 @@ batch ahead instead of held on the device: the same rows and draws, so the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +48,8 @@ RANKS_ENV = "PNEUMONIA_KFP_RANKS"
 # GPU holds up to DEVICE_DATA_FRACTION of its free memory, the CPU (the images are host memory) all
 DEVICE_DATA_BUDGET_ENV = "PNEUMONIA_KFP_DEVICE_DATA_BUDGET_MB"
 DEVICE_DATA_FRACTION = 0.5  # the rest: the model, optimizer state and activations
+# a folder where each rank that fails writes its one-line error (rank-N.txt), read back by run_ranks
+RANK_ERRORS_ENV = "PNEUMONIA_KFP_RANK_ERRORS"
 
 
 class DistributedError(PneumoniaKfpError, RuntimeError):
@@ -79,6 +86,47 @@ def joined(device):
         yield World(dist.get_rank(), dist.get_world_size())
     finally:
         dist.destroy_process_group()
+
+
+def task_ranks(environ=os.environ) -> int:
+    """How many torchrun ranks this train task runs: RANKS_ENV (run-local's --ranks), else one per GPU the
+    task was given (a cluster's train.accelerator_count), else 1."""
+    value = environ.get(RANKS_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise DistributedError(f"{RANKS_ENV}={value!r}: expected a number of ranks, 1 or more")
+        return int(value)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def run_ranks(ranks: int, dataset_uri: str, backbone: str, model_dir: str, params: dict) -> dict:
+    """Train with ``ranks`` torchrun processes on this machine (pneumonia_kfp.train_worker, the multi-node
+    job's entry point too); rank 0 writes the model directory. Returns the model's artifact metadata."""
+    import torch
+
+    from pneumonia_kfp.train_worker import RESULT
+
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise DistributedError(f"{ranks} ranks but this task sees {torch.cuda.device_count()} GPU(s): each rank "
+                               f"needs its own; set {RANKS_ENV} (run-local --ranks) to at most that")
+    # the task's share of the cores, split between its ranks (torchrun would give each 1 thread)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="pneumonia-kfp-ranks-") as errors:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks)), RANK_ERRORS_ENV: errors}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   "-m", "pneumonia_kfp.train_worker", "--dataset", dataset_uri, "--backbone", backbone,
+                   "--output", Path(model_dir).resolve().as_uri(), "--params", json.dumps(params)]
+        code = subprocess.run(command, env=env).returncode
+        if code:
+            said = sorted(Path(errors).glob("rank-*.txt"))
+            why = said[0].read_text().strip() if said else "see each rank's log above"
+            raise DistributedError(f"training with {ranks} torchrun ranks failed (exit {code}): {why}")
+    result = Path(model_dir) / RESULT
+    metadata = json.loads(result.read_text())
+    result.unlink()  # the job's hand-over file; the model directory holds what a one-process task writes
+    return metadata
 
 
 def check_batch(batch_size: int, world: World) -> None:

@@ -2,10 +2,12 @@
 ``python -m pneumonia_kfp.train_worker --dataset URI --backbone NAME --output URI --params JSON``.
 
 Each process runs the library's train() -- the same function the one-GPU KFP train component runs --
-which reads torch.distributed's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) that torchrun
-sets. Rank 0 then exports the model and copies the model directory to ``--output`` in the store, with
-``job-result.json`` (the model artifact's metadata) written last: the launcher takes the model only
-when that file is there.
+which joins torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) and trains with DDP,
+its shard of the data on its own device (pneumonia_kfp.distributed). Rank 0 then exports the model and
+copies the model directory to ``--output`` in the store, with ``job-result.json`` (the model artifact's
+metadata) written last: the launcher takes the model only when that file is there. A one-node train task
+with several GPUs (or run-local --ranks) runs the same entry point through distributed.run_ranks, its
+``--output`` a file:// URI of the task's model directory.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {os.environ.get('RANK', '0')} "
                         "%(levelname)s %(message)s")
+    from pneumonia_kfp.distributed import RANK_ERRORS_ENV
     from pneumonia_kfp.errors import PneumoniaKfpError
     from pneumonia_kfp.export import CHECKPOINT, export_model
     from pneumonia_kfp.training import train
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                 upload(Path(tmp), args.output, metadata)
     except PneumoniaKfpError as e:
         print(f"train_worker: {e}", file=sys.stderr)
+        errors = os.environ.get(RANK_ERRORS_ENV)
+        if errors:  # for distributed.run_ranks, which makes it the task's one-line error
+            Path(errors, f"rank-{os.environ.get('RANK', '0')}.txt").write_text(str(e))
         return 1
     return 0
 

@@ -166,8 +166,10 @@ def test_job_names_are_per_task_and_valid():
 
 def test_settings_for_many_nodes():
     assert load(None, ["nodes=2", "train.accelerator_count=8"], environ={}).train.accelerator_count == 8
+    # one node with several GPUs: the train task runs one torchrun rank per GPU (pneumonia_kfp.distributed)
+    assert load(None, ["train.accelerator_count=2"], environ={}).train.accelerator_count == 2
     for bad, key in ((["nodes=0"], "nodes"), (["train.distributed_engine=mpi"], "train.distributed_engine"),
-                     (["train.accelerator_count=2"], "train.accelerator_count")):  # > 1 GPU needs nodes > 1
+                     (["train.accelerator_count=-1"], "train.accelerator_count")):
         with pytest.raises(SettingsError, match=re.escape(key)):
             load(None, bad, environ={})
 
