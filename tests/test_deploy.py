@@ -434,8 +434,11 @@ def test_publish_copies_the_model_once_under_its_id(model_dir, s3_env):
     assert model.model_id == expected and model.uri == f"{storage}/models/{expected.replace('@sha256:', '-')}"
     store = open_store(model.uri)
     assert {k for k in store.list()} == {"metadata.json", "model.onnx", "model.pt2", "checkpoint.pt"}
-    again = d.publish(model.uri, storage)  # from the store itself (a pipeline artifact's way): the same id
+    # from the store (a pipeline artifact's way; KFP names its MinIO/SeaweedFS artifacts minio://): the same id
+    again = d.publish(model.uri.replace("s3://", "minio://"), storage)
     assert again.uri == model.uri
+    with pytest.raises(d.DeployError, match=r"^model gs://b/m: a gs:// artifact cannot be read .* --model DIR$"):
+        d.publish("gs://b/m", storage)
     assert load_model(model_dir).model_id == expected
 
 
