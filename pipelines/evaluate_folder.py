@@ -13,11 +13,12 @@ def evaluate_folder(model_path: str, data: str, output: str | Path) -> dict:
     need both classes (specificity or sensitivity, AUC) left undefined (null), and a warning."""
     from pneumonia_kfp import evaluation
     from pneumonia_kfp.device import select_device
+    from pneumonia_kfp.image_reader import read_labelled_folder
     from pneumonia_kfp.inference import predict, predictions_block
     from pneumonia_kfp.report import render, write_outputs
 
     model, meta = evaluation.load_model(model_path, select_device())
-    x, y, entries = evaluation.load_folder(data, meta["image_size"], meta["classes"])
+    x, y, entries = read_labelled_folder(data, meta["image_size"], meta["classes"])  # as ingest reads
     counts = {c: int((y == i).sum()) for i, c in enumerate(meta["classes"])}
     evaluation.warn_one_class(data, y, meta["classes"])
     prob = predict(model, x, meta["mean"], meta["std"], meta["tta"])

@@ -1,10 +1,11 @@
 """evaluate: a trained model's result document -- its test figures at every validation-chosen
-operating point, per-image predictions, optionally an external dataset -- and the ensemble.
+operating point, per-image predictions, optionally an external dataset -- and the run's results
+(``combine``: every model, their ensemble and the best one by validation).
 
 A result document (one model's entry of results.json) carries its per-image probabilities under
 ``predictions`` (``val``, ``test`` and, when scored, ``external``: file, patient, label, prob), so the
-report step can average the backbones into the ensemble and write the predictions CSV without
-touching a model again.
+report step can average the backbones into the ensemble (``combine``) and ``report`` can write the
+predictions CSV without touching a model again.
 
 For the KFP UI each model gets a ``system.Metrics`` (scalars: test metrics with their 95 % CI
 bounds, validation AUC, threshold, training figures) and a ``system.ClassificationMetrics``
