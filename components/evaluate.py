@@ -24,8 +24,9 @@ def evaluate_op(
     from pneumonia_kfp.task_errors import recording_errors
 
     with recording_errors("evaluate-op"):
-        from pneumonia_kfp.evaluation import evaluate, log_ui_metrics
+        from pneumonia_kfp.evaluation import evaluate
         from pneumonia_kfp.outputs import document, write_file
+        from pneumonia_kfp.report import log_ui_metrics
         from pneumonia_kfp.runs import save_result
 
         r = evaluate(dataset.metadata["uri"], model.path, external_data=external_data)

@@ -30,9 +30,9 @@ def report_op(
     with recording_errors("report-op"):
         import json
 
-        from pneumonia_kfp.evaluation import ENSEMBLE, combine, log_ui_metrics
+        from pneumonia_kfp.evaluation import ENSEMBLE, combine
         from pneumonia_kfp.outputs import document, write_files
-        from pneumonia_kfp.report import render_from_store
+        from pneumonia_kfp.report import log_ui_metrics, render_from_store
         from pneumonia_kfp.runs import load_results
 
         models = load_results(run_dir, backbones)

@@ -14,7 +14,6 @@ bounds, validation AUC, threshold, training figures) and a ``system.Classificati
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,33 +26,8 @@ from pneumonia_kfp.inference import predict, predictions_block
 from pneumonia_kfp.metrics import SENSITIVITY
 
 log = logging.getLogger(__name__)
-SCALARS = ("accuracy", "precision", SENSITIVITY, "specificity", "f1", "auc")
-CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
 ENSEMBLE = "ensemble"
 PREDICTION_SPLITS = ("val", "test", "external")  # the prediction blocks a result document may carry
-
-
-def ui_scalars(r: dict) -> dict[str, float]:
-    """The Metrics artifact's scalars for one model (finite numbers only: the UI's metadata is a
-    protobuf Struct, which has no NaN; an undefined AUC is left out rather than faked)."""
-    out = {}
-    for split in ("test", "external"):
-        t = r.get(split)
-        if not t:
-            continue
-        out.update({f"{split}_{name}": t[name] for name in SCALARS})
-        for name in CI_SCALARS:
-            lo_hi = t["ci95"].get(name)  # none for a figure the data leaves undefined
-            if lo_hi:
-                out[f"{split}_{name}_ci95_low"], out[f"{split}_{name}_ci95_high"] = lo_hi
-        out[f"{split}_n"] = t["n"]
-    out.update({
-        "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
-        "best_epoch": r["train"]["best_epoch"], "train_seconds": r["train"]["seconds"],
-        "train_images_per_second": r["train"]["images_per_second"], "parameters": r["parameters"],
-    })
-    return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
-            if v is not None and math.isfinite(v)}
 
 
 def _groups(block: dict) -> list[str]:
@@ -214,14 +188,3 @@ def warn_one_class(data: str, labels, classes: list[str]) -> None:
         figures = ", ".join(names[k] for k in names if k in undefined(labels))
         log.warning("%s holds no %s images: %s need both classes and are undefined (null in results.json); "
                     "the other figures are shown", data, " or ".join(missing), figures)
-
-
-def log_ui_metrics(doc: dict, metrics, classification) -> None:
-    """Fill a KFP ``Metrics`` and ``ClassificationMetrics`` artifact (passed in; this library never
-    imports kfp) from one result document: scalars, test confusion matrix and test ROC."""
-    for name, value in ui_scalars(doc).items():
-        metrics.log_metric(name, value)
-    classification.log_confusion_matrix(doc["test"]["labels"], doc["test"]["confusion_matrix"])
-    roc = doc["roc"]
-    if roc["fpr"] and all(math.isfinite(v) for v in roc["fpr"] + roc["tpr"]):  # none on a one-class split
-        classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])

@@ -1,4 +1,5 @@
-"""report: every backbone's results side by side, as results.json, Markdown and self-contained HTML."""
+"""report: every backbone's results side by side, as results.json, Markdown and self-contained HTML, and
+one model's figures as the KFP UI's Metrics and ClassificationMetrics. It renders documents; it decides nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import html
 import io
 import logging
+import math
 import re
 
 import numpy as np
@@ -371,6 +373,45 @@ def render(full: dict, images: dict | None = None) -> tuple[dict, str, str, str]
     """
     results = without_predictions(full)
     return results, markdown(results), html_report(full, images=images), predictions_csv(full)
+
+
+# the KFP UI's scalars of a model: its split figures (and their 95 % CI bounds) under these names
+UI_SCALARS = ("accuracy", "precision", SENSITIVITY, "specificity", "f1", "auc")
+UI_CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
+
+
+def ui_scalars(r: dict) -> dict[str, float]:
+    """The Metrics artifact's scalars for one model (finite numbers only: the UI's metadata is a
+    protobuf Struct, which has no NaN; an undefined AUC is left out rather than faked)."""
+    out = {}
+    for split in ("test", "external"):
+        t = r.get(split)
+        if not t:
+            continue
+        out.update({f"{split}_{name}": t[name] for name in UI_SCALARS})
+        for name in UI_CI_SCALARS:
+            lo_hi = t["ci95"].get(name)  # none for a figure the data leaves undefined
+            if lo_hi:
+                out[f"{split}_{name}_ci95_low"], out[f"{split}_{name}_ci95_high"] = lo_hi
+        out[f"{split}_n"] = t["n"]
+    out.update({
+        "val_auc": r["val"]["auc"], "val_f1": r["val"]["f1"], "threshold": r["threshold"],
+        "best_epoch": r["train"]["best_epoch"], "train_seconds": r["train"]["seconds"],
+        "train_images_per_second": r["train"]["images_per_second"], "parameters": r["parameters"],
+    })
+    return {k: (v if isinstance(v, int) else round(float(v), 6)) for k, v in out.items()
+            if v is not None and math.isfinite(v)}
+
+
+def log_ui_metrics(doc: dict, metrics, classification) -> None:
+    """Fill a KFP ``Metrics`` and ``ClassificationMetrics`` artifact (passed in; this library never
+    imports kfp) from one result document: scalars, test confusion matrix and test ROC."""
+    for name, value in ui_scalars(doc).items():
+        metrics.log_metric(name, value)
+    classification.log_confusion_matrix(doc["test"]["labels"], doc["test"]["confusion_matrix"])
+    roc = doc["roc"]
+    if roc["fpr"] and all(math.isfinite(v) for v in roc["fpr"] + roc["tpr"]):  # none on a one-class split
+        classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
 
 
 OUTPUT_FILES = {"results": "results.json", "markdown": "report.md", "html": "report.html",

@@ -19,11 +19,11 @@ import torch
 from pneumonia_kfp.augmentation import DEFAULT_POLICY
 from pneumonia_kfp.backbones import load_checkpoint
 from pneumonia_kfp.data import StoredDataset
-from pneumonia_kfp.evaluation import BEST_RULE, best_model, combine, evaluate, ui_scalars
+from pneumonia_kfp.evaluation import BEST_RULE, best_model, combine, evaluate
 from pneumonia_kfp.export import CHECKPOINT, export_model, load_onnx, load_pt2
 from pneumonia_kfp.inference import predict
 from pneumonia_kfp.ingest import ingest
-from pneumonia_kfp.report import HEADER, MAX_HTML_BYTES, html_report, render
+from pneumonia_kfp.report import HEADER, MAX_HTML_BYTES, html_report, render, ui_scalars
 from pneumonia_kfp.training import TrainingState, train, train_val_split
 
 
