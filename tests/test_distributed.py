@@ -143,3 +143,31 @@ def test_a_bad_device_data_budget_is_one_line():
         device_budget(torch.device("cpu"), {DEVICE_DATA_BUDGET_ENV: "lots"})
     assert device_budget(torch.device("cpu"), {DEVICE_DATA_BUDGET_ENV: "2"}) == 2 * 2 ** 20
     assert device_budget(torch.device("cpu"), {}) == float("inf")
+
+
+PARAMS = {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "seed": 0, "pretrained": False}
+
+
+def test_a_train_task_with_two_ranks_writes_the_one_process_model_directory(stored, tmp_path, monkeypatch):
+    """The train component's torchrun path (run-local --ranks, a task with several GPUs): rank 0's model
+    directory holds what a one-process task writes, nothing more, and its metadata comes back."""
+    from pneumonia_kfp.distributed import run_ranks
+
+    root, version = stored
+    shutil.copytree(root / "store", tmp_path / "store")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    meta = run_ranks(2, f"{(tmp_path / 'store').as_uri()}/datasets/{version}", "test_resnet", str(tmp_path / "model"),
+                     PARAMS)
+    assert meta["backbone"] == "test_resnet" and set(meta["formats"]) == {"torch.export", "onnx"}
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert {"checkpoint.pt", "model.onnx", "model.pt2", "metadata.json"} <= files and "job-result.json" not in files
+    assert [row["world_size"] for row in weights(tmp_path / "model" / "checkpoint.pt")["history"]] == [2]
+
+
+def test_a_failing_rank_fails_the_task_in_one_line(stored, tmp_path):
+    from pneumonia_kfp.distributed import DistributedError, run_ranks
+
+    root, version = stored
+    with pytest.raises(DistributedError, match=r"failed \(exit 1\): batch_size=1 is smaller than the 2 ranks"):
+        run_ranks(2, f"{(root / 'store').as_uri()}/datasets/{version}", "test_resnet", str(tmp_path / "model"),
+                  {**PARAMS, "batch_size": 1})
