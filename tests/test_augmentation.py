@@ -215,15 +215,26 @@ def test_the_parameters_keep_the_policys_distributions():
     assert d.equalize is None and draw(GEOMETRIC_ONLY, 3, torch.empty(0)).gamma is None  # off is off
 
 
-def test_cpu_slices_give_the_whole_batchs_result(monkeypatch):
+def _augment_on(threads: int, images, policy):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = augment(images, torch.Generator().manual_seed(16), policy)
+        assert torch.get_num_threads() == threads  # the slices' single-threaded pool gives the count back
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_slices_on_threads_give_the_whole_batchs_result(monkeypatch):
     from pneumonia_kfp import augmentation
 
     images = _xray_like(7, 24)
     for policy in (DEFAULT_POLICY, SEED_POLICY):
-        whole = augment(images, torch.Generator().manual_seed(16), policy)
-        monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 2 * 24 * 24)  # slices of 2, 2, 2 and 1 images
-        sliced = augment(images, torch.Generator().manual_seed(16), policy)
-        monkeypatch.undo()
+        monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 10 ** 9)
+        whole = _augment_on(1, images, policy)  # one slice, one thread
+        monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 2 * 24 * 24)
+        sliced = _augment_on(3, images, policy)  # slices of 2, 2, 2 and 1 images on 3 threads
         assert torch.allclose(whole, sliced, atol=1e-6)
 
 
