@@ -159,8 +159,8 @@ def _photometric(x: torch.Tensor, p: Params, unit: float, out: torch.Tensor | No
             - amount / 16 * blurred.mean(dim=(1, 2, 3), keepdim=True))
     y = torch.addcmul(mean * (1 / unit - scale) + column(p.brightness), blurred, scale * amount / -16, out=blurred)
     y.addcmul_(x, scale * (1 + amount))
-    # x ** gamma as exp(gamma log x): the same values (0 stays 0), a quarter less time than pow on a CPU
-    return torch.exp(y.clamp_(0, 1).log_().mul_(column(p.gamma)), out=out)
+    # pow, not exp(gamma log x): torch's vectorised log is 4x slower on the zeros the clamp makes
+    return torch.pow(y.clamp_(0, 1), column(p.gamma), out=out)
 
 
 def photometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor:
