@@ -74,7 +74,7 @@ def evaluate_cmd(args) -> int:
 
     results = evaluate_folder(args.model, args.data, Path(args.output))
     t = results["models"][0]["test"]
-    figures = (("accuracy", "accuracy"), ("F1", "f1"), ("sensitivity", "recall"), ("specificity", "specificity"),
+    figures = (("accuracy", "accuracy"), ("F1", "f1"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
                ("AUC", "auc"))
     shown = [f"{name} {t[key]:.4f}" for name, key in figures if t[key] is not None]  # only the defined ones
     print("  ".join(shown) + f"  (n = {t['n']})")

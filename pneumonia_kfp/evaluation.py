@@ -23,7 +23,6 @@ from pneumonia_kfp.documents import CheckpointMeta, ModelResult, fields_of, mode
 from pneumonia_kfp.errors import DataError
 from pneumonia_kfp.image_reader import read_labelled_folder as load_folder  # read as ingest reads
 from pneumonia_kfp.inference import predict, predictions_block
-from pneumonia_kfp.metrics import SENSITIVITY
 
 log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
@@ -182,7 +181,7 @@ def warn_one_class(data: str, labels, classes: list[str]) -> None:
     """One warning line when ``data`` holds one class only: name the figures left undefined (null)."""
     from pneumonia_kfp.metrics import undefined
 
-    names = {SENSITIVITY: "sensitivity", "specificity": "specificity", "f1": "F1", "auc": "AUC"}
+    names = {"sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1", "auc": "AUC"}
     missing = [c for i, c in enumerate(classes) if not (np.asarray(labels) == i).any()]
     if missing:
         figures = ", ".join(names[k] for k in names if k in undefined(labels))

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from pneumonia_kfp.metrics import SENSITIVITY, TARGET_SENSITIVITY
+from pneumonia_kfp.metrics import TARGET_SENSITIVITY
 from pneumonia_kfp.params import default
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,9 @@ def _pct(x: float | None) -> str:
     return UNDEFINED if x is None else f"{100 * x:.2f}"
 
 
-def _with_ci(block: dict, key: str, pct: bool = True, ci_key: str | None = None) -> str:
+def _with_ci(block: dict, key: str, pct: bool = True) -> str:
     fmt = _pct if pct else (lambda v: UNDEFINED if v is None else f"{v:.4f}")
-    ci = block["ci95"].get(ci_key or key)  # none for a figure the data leaves undefined
+    ci = block["ci95"].get(key)  # none for a figure the data leaves undefined
     return f"{fmt(block[key])} ({fmt(ci[0])}–{fmt(ci[1])})" if ci and block[key] is not None else fmt(block[key])
 
 
@@ -111,7 +111,7 @@ def table_rows(results: dict, split: str = "test") -> list[list[str]]:
         ips = m["train"]["images_per_second"]
         rows.append([
             m["backbone"], _count(m["parameters"]), _settings(m),
-            _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, SENSITIVITY, ci_key="sensitivity"),
+            _with_ci(t, "accuracy"), _with_ci(t, "f1", pct=False), _with_ci(t, "sensitivity"),
             _with_ci(t, "specificity"), _with_ci(t, "auc", pct=False), f"{m['val']['auc']:.4f}",
             f"{m['train']['seconds']:.0f} s", "–" if ips is None else f"{ips:.0f}",
         ])
@@ -239,8 +239,8 @@ def figures(results: dict, dpi: int = DPIS[0]) -> dict[str, str]:
         color, style = ("k", "--") if m.get("members") else (f"C{i % 10}", "-")  # the ensemble: black, dashed
         auc = UNDEFINED if t["auc"] is None else f"{t['auc']:.3f}"
         ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], style, color=color, label=f"{m['backbone']} (AUC {auc})")
-        if t["specificity"] is not None and t[SENSITIVITY] is not None:
-            ax.plot([1 - t["specificity"]], [t[SENSITIVITY]], "o", color=color, ms=5)
+        if t["specificity"] is not None and t["sensitivity"] is not None:
+            ax.plot([1 - t["specificity"]], [t["sensitivity"]], "o", color=color, ms=5)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test (dots: chosen thresholds)",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
@@ -376,7 +376,7 @@ def render(full: dict, images: dict | None = None) -> tuple[dict, str, str, str]
 
 
 # the KFP UI's scalars of a model: its split figures (and their 95 % CI bounds) under these names
-UI_SCALARS = ("accuracy", "precision", SENSITIVITY, "specificity", "f1", "auc")
+UI_SCALARS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 UI_CI_SCALARS = ("accuracy", "f1", "auc", "sensitivity", "specificity")
 
 

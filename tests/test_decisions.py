@@ -75,7 +75,7 @@ def test_a_sample_exactly_at_the_threshold_is_positive():
     # 0.4 is positive (>=): the negative at 0.4 is a false positive, the positive at 0.4 a true positive
     assert r["confusion_matrix"] == [[2, 1], [0, 3]]
     assert counts(y, prob, 0.4) == (2, 1, 0, 3)
-    assert r["recall"] == 1.0 and r["specificity"] == pytest.approx(2 / 3)
+    assert r["sensitivity"] == 1.0 and r["specificity"] == pytest.approx(2 / 3)
     assert r["precision"] == pytest.approx(3 / 4) and r["accuracy"] == pytest.approx(5 / 6)
     assert r["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 0))
     assert r["auc"] == pytest.approx(roc_auc_score(y, prob))
@@ -119,16 +119,16 @@ def test_rates_without_a_class_are_zero_or_null_never_nan():
     y = np.array([0, 0, 1, 1])
     r = classification_report(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9, CLASSES)
     assert r["confusion_matrix"] == [[2, 0], [2, 0]]
-    assert r["f1"] == 0 and r["precision"] == 0 and r["recall"] == 0 and r["specificity"] == 1
+    assert r["f1"] == 0 and r["precision"] == 0 and r["sensitivity"] == 0 and r["specificity"] == 1
     assert "undefined" not in r  # both classes present: every figure has a value
     # labels of one class: what needs the other class is null (valid JSON), the rest has its value
     no_positives = classification_report(np.array([0, 0]), np.array([0.2, 0.7]), 0.5, CLASSES)
-    assert no_positives["recall"] is None and no_positives["f1"] is None and no_positives["auc"] is None
+    assert no_positives["sensitivity"] is None and no_positives["f1"] is None and no_positives["auc"] is None
     assert no_positives["precision"] == 0 and no_positives["specificity"] == 0.5 and no_positives["accuracy"] == 0.5
-    assert no_positives["undefined"] == ["auc", "f1", "recall"]
+    assert no_positives["undefined"] == ["auc", "f1", "sensitivity"]
     one_class = classification_report(np.array([1, 1]), np.array([0.6, 0.7]), 0.5, CLASSES)
     assert one_class["auc"] is None and one_class["specificity"] is None and one_class["ci95"] == {}
-    assert one_class["recall"] == 1 and one_class["f1"] == 1 and one_class["undefined"] == ["auc", "specificity"]
+    assert one_class["sensitivity"] == 1 and one_class["f1"] == 1 and one_class["undefined"] == ["auc", "specificity"]
     json.dumps([no_positives, one_class], allow_nan=False)  # strict JSON: no NaN anywhere
     assert rates_at(np.array([1, 1, 1]), np.array([0.2, 0.6, 0.7]), 0.5) == {
         "accuracy": pytest.approx(2 / 3), "sensitivity": pytest.approx(2 / 3), "specificity": None,
@@ -190,7 +190,7 @@ def test_operating_point_rates_are_counted_and_null_when_undefined(y, prob):
 def test_report_of_a_split_with_nothing_to_find_and_nothing_found():
     r = classification_report(np.array([0, 0]), np.array([0.1, 0.2]), 0.5, CLASSES)
     assert r["confusion_matrix"] == [[2, 0], [0, 0]]
-    assert (r["f1"], r["precision"], r["recall"], r["specificity"], r["accuracy"]) == (None, 0, None, 1, 1)
+    assert (r["f1"], r["precision"], r["sensitivity"], r["specificity"], r["accuracy"]) == (None, 0, None, 1, 1)
 
 
 def test_the_reports_interval_is_the_seeded_patient_bootstrap_of_that_split():
@@ -237,7 +237,7 @@ def test_roc_points_default_to_at_most_200():
 
 
 def _model(name: str, val_auc: float, val_f1: float, test_auc: float, test_f1: float) -> dict:
-    block = {"n": 20, "accuracy": 0.8, "precision": 0.8, "recall": 0.8, "specificity": 0.8, "confusion_matrix":
+    block = {"n": 20, "accuracy": 0.8, "precision": 0.8, "sensitivity": 0.8, "specificity": 0.8, "confusion_matrix":
              [[8, 2], [2, 8]], "labels": CLASSES, "ci95": {}}
     # per-image predictions the report's ensemble averages: the same uninformative 0.5 for every image, so
     # the ensemble's validation AUC is 0.5 and it never outranks the models under test

@@ -163,7 +163,7 @@ def _strict_json(path):
 
 @pytest.mark.parametrize("keep, undefined, shown", [
     ("PNEUMONIA", ["auc", "specificity"], ["accuracy", "F1", "sensitivity"]),
-    ("NORMAL", ["auc", "f1", "recall"], ["accuracy", "specificity"]),
+    ("NORMAL", ["auc", "f1", "sensitivity"], ["accuracy", "specificity"]),
 ])
 def test_a_folder_of_one_class_gets_null_for_what_needs_both(keep, undefined, shown, data, tmp_path, model, capsys,
                                                               caplog):
@@ -174,11 +174,11 @@ def test_a_folder_of_one_class_gets_null_for_what_needs_both(keep, undefined, sh
     m = doc["models"][0]
     t = m["test"]
     assert t["undefined"] == undefined and all(t[k] is None for k in undefined)
-    defined = {"accuracy", "precision", "recall", "specificity", "f1"} - set(undefined)
+    defined = {"accuracy", "precision", "sensitivity", "specificity", "f1"} - set(undefined)
     assert all(isinstance(t[k], float) for k in defined)
     assert t["n"] == 12 and sum(map(sum, t["confusion_matrix"])) == 12 and t["ci95"] == {}
     assert m["roc"] == {"fpr": [], "tpr": [], "thresholds": []}
-    rate = {"recall": "sensitivity", "specificity": "specificity", "f1": "f1"}
+    rate = {"sensitivity": "sensitivity", "specificity": "specificity", "f1": "f1"}
     for op in m["operating_points"]:
         assert [k for k in rate if op["test"][rate[k]] is None] == [k for k in rate if k in undefined]
     figures = capsys.readouterr().out.splitlines()[0]

@@ -90,7 +90,7 @@ def test_scalar_metrics_in_the_ui_layout(run):
     meta = _artifact(run["outputs"]["evaluate-op"], "metrics")["metadata"]
     results = json.loads(open(_artifact(run["outputs"]["evaluate-op"], "results")["uri"]).read())
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in meta.values())
-    for name in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+    for name in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc"):
         assert meta[f"test_{name}"] == pytest.approx(results["test"][name], abs=1e-6)
     for name in ("accuracy", "f1", "auc", "sensitivity", "specificity"):
         lo, hi = results["test"]["ci95"][name]

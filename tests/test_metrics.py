@@ -30,7 +30,7 @@ def test_report_matches_its_confusion_matrix():
     assert tn + fp + fn + tp == r["n"] == len(y)
     assert tn + fp == (y == 0).sum()  # rows are the true class
     assert r["accuracy"] == pytest.approx((tn + tp) / len(y))
-    assert r["recall"] == pytest.approx(tp / (tp + fn))
+    assert r["sensitivity"] == pytest.approx(tp / (tp + fn))
     assert r["specificity"] == pytest.approx(tn / (tn + fp))
     assert r["precision"] == pytest.approx(tp / (tp + fp))
     assert r["f1"] == pytest.approx(f1_score(y, prob >= 0.5))
@@ -57,7 +57,7 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_estimate():
     assert ci == bootstrap_ci(y, prob, 0.5, seed=3)
     r = classification_report(y, prob, 0.5, ["a", "b"])
     for key, point in (("accuracy", r["accuracy"]), ("f1", r["f1"]), ("auc", r["auc"]),
-                       ("sensitivity", r["recall"]), ("specificity", r["specificity"])):
+                       ("sensitivity", r["sensitivity"]), ("specificity", r["specificity"])):
         lo, hi = ci[key]
         assert lo < point < hi and hi - lo < 0.25
     small = bootstrap_ci(y[:60], prob[:60], 0.5, seed=3)

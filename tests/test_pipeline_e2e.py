@@ -7,7 +7,8 @@ from pneumonia_kfp.pipelines.cli import main
 from pneumonia_kfp.storage import open_store
 
 RESULT_KEYS = {"backbone", "image_size", "epochs", "pretrained", "threshold", "test", "val", "train"}
-SPLIT_KEYS = {"n", "accuracy", "precision", "recall", "specificity", "f1", "auc", "confusion_matrix", "labels", "ci95"}
+SPLIT_KEYS = {"n", "accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "confusion_matrix", "labels",
+              "ci95"}
 
 
 def test_run_local_end_to_end_on_s3(image_folder, s3_env, tmp_path, capfd):

@@ -255,7 +255,7 @@ def test_report_table_has_every_figure_with_confidence_intervals(dataset, evalua
         row = next(line for line in md.splitlines() if line.startswith(f"| {m['backbone']} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == len(HEADER)
-        for column, value, ci in (("sensitivity % (95% CI)", t["recall"], t["ci95"]["sensitivity"]),
+        for column, value, ci in (("sensitivity % (95% CI)", t["sensitivity"], t["ci95"]["sensitivity"]),
                                   ("specificity % (95% CI)", t["specificity"], t["ci95"]["specificity"])):
             assert cells[HEADER.index(column)] == f"{100 * value:.2f} ({100 * ci[0]:.2f}–{100 * ci[1]:.2f})"
         assert cells[HEADER.index("parameters")] == f"{m['parameters'] / 1e6:.1f} M"
