@@ -99,11 +99,16 @@ def check_layout(where: str, counts: dict[str, dict[str, int]]) -> list[str]:
         if s in counts and sorted(counts[s]) != classes:
             raise DataError(f"{where}/{s} has class folders {sorted(counts[s])}, but train has {classes}: "
                             "make them match")
-        for c in classes if s in counts else ():
-            if not counts[s][c]:
-                raise DataError(f"{where}/{s}/{c} holds no images: every split needs at least one image of "
-                                "every class")
+    check_every_class(where, counts, classes, "holds no images")
     return classes
+
+
+def check_every_class(where: str, counts: dict[str, dict[str, int]], classes: list[str], why: str) -> None:
+    """Every split present needs at least one image of every class ({split: {class: images}})."""
+    for s in SPLITS:
+        for c in classes if s in counts else ():
+            if not counts[s].get(c):
+                raise DataError(f"{where}/{s}/{c} {why}: every split needs at least one image of every class")
 
 
 def _folder(root: str | Path) -> Path:

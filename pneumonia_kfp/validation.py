@@ -15,7 +15,7 @@ from pneumonia_kfp.params import MAX_PIXELS_ENV
 from pneumonia_kfp.params import (
     MIN_IMAGE_SIZE as MIN_SIDE,  # a source image smaller than the smallest input is no X-ray
 )
-from pneumonia_kfp.sources import ImageFile
+from pneumonia_kfp.sources import ImageFile, check_every_class
 
 
 def load_image(source, size: int, max_pixels: int | None = None, min_side: int = 1) -> np.ndarray:
@@ -85,13 +85,11 @@ def rejection_error(rejected: list[dict], total: int, remedy: str = SKIP_REMEDY)
 
 
 def check_classes(files: list[ImageFile], splits: list[str], classes: list[str], where: str) -> None:
-    """Every split needs at least one image of every class (``splits``: each file's split)."""
-    present = {(s, f.label) for f, s in zip(files, splits, strict=True)}
-    for s in sorted(set(splits), key=["train", "val", "test"].index):
-        for c in classes:
-            if (s, c) not in present:
-                raise DataError(f"{where}/{s}/{c} has no valid image left: every split needs at least one image "
-                                "of every class")
+    """Every split needs at least one valid image of every class (``splits``: each file's split)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for f, s in zip(files, splits, strict=True):
+        counts[s][f.label] += 1
+    check_every_class(where, counts, classes, "has no valid image left")
 
 
 def check_leakage(files: list[ImageFile], splits: list[str], shas: list[str]) -> None:
