@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
+from pneumonia_kfp.storage import parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +180,6 @@ def publish(source: str, storage: str, dry_run: bool = False) -> Published:
 
 # --- the objects ------------------------------------------------------------------------------------------
 
-def s3_endpoint(raw: str) -> tuple[str, bool]:
-    """(host:port, https?) of MINIO_ENDPOINT's forms: host:port or http(s)://host:port (MINIO_SECURE=true:
-    https for a bare host:port), read as storage.minio_client_from_env reads it, here for the cluster's view."""
-    parsed = urlparse(raw if "://" in raw else f"//{raw}")
-    if not parsed.netloc:
-        raise UsageError(f"S3 endpoint {raw!r} is not host:port or http(s)://host:port")
-    secure = parsed.scheme == "https" if parsed.scheme else os.environ.get("MINIO_SECURE", "false").lower() == "true"
-    return parsed.netloc, secure
-
-
 @dataclass
 class Target:
     """Where and how to serve: everything the objects depend on besides the model."""
@@ -204,7 +195,7 @@ class Target:
 def objects(target: Target, model: Published) -> list[dict]:
     """Secret, ServiceAccount and InferenceService, in the order they are applied."""
     t = target
-    host, https = s3_endpoint(t.endpoint)
+    host, https = parse_endpoint(t.endpoint)
     secret_name = f"{t.name}-s3"
     labels = {**LABELS, "app.kubernetes.io/name": t.name}
     annotations = {S3_ENDPOINT: host, S3_USE_HTTPS: "1" if https else "0",

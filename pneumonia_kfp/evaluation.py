@@ -21,7 +21,7 @@ import numpy as np
 from pneumonia_kfp import documents
 from pneumonia_kfp.documents import CheckpointMeta, ModelResult, fields_of, model_result
 from pneumonia_kfp.errors import DataError
-from pneumonia_kfp.image_reader import read_labelled_folder as load_folder  # read as ingest reads
+from pneumonia_kfp.image_reader import read_labelled_folder  # read as ingest reads
 from pneumonia_kfp.inference import predict, predictions_block
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def evaluate(dataset_uri: str, model_path: str, external_data: str = "") -> dict
     tta = meta["tta"]
     predictions = {"test": predictions_block(entries, y, predict(model, x, meta["mean"], meta["std"], tta))}
     if external_data:
-        ex, ey, ee = load_folder(external_data, meta["image_size"], meta["classes"])
+        ex, ey, ee = read_labelled_folder(external_data, meta["image_size"], meta["classes"])
         warn_one_class(external_data, ey, meta["classes"])
         predictions["external"] = predictions_block(ee, ey, predict(model, ex, meta["mean"], meta["std"], tta))
     return model_document(meta, sum(p.numel() for p in model.parameters()), predictions)

@@ -38,6 +38,7 @@ from pneumonia_kfp.jobs import (
     torchrun_command,
 )
 from pneumonia_kfp.procs import stop_signals_raise
+from pneumonia_kfp.storage import storage_root
 from pneumonia_kfp.train_worker import RESULT
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -278,7 +279,7 @@ def run_training_job(config_json: str, dataset_uri: str, backbone: str, model_di
     client = client or api_client()
     engine = resolve_engine(config.engine, client)
     name = job_name(task_key, backbone)
-    output = f"{dataset_uri.rsplit('/datasets/', 1)[0]}/jobs/{name}"  # beside the datasets and checkpoints
+    output = f"{storage_root(dataset_uri)}/jobs/{name}"  # beside the datasets and checkpoints
     store = open_store(output)
     for key in list(store.list()):  # an earlier attempt's model is not this one's
         store.delete(key)

@@ -13,6 +13,7 @@ from typing import Iterator, TypedDict
 
 from pneumonia_kfp.documents import DocumentError, check_format, require
 from pneumonia_kfp.errors import DataError
+from pneumonia_kfp.storage import storage_root
 
 FORMAT = 2
 KIND = "dataset manifest"
@@ -122,7 +123,7 @@ def load(store, key: str = NAME, verify: bool = True) -> Manifest | None:
 
 def repair_hint(version_uri: str, manifest: Manifest | None = None) -> str:
     """How to repair a damaged version: ingest the same data with the same settings again."""
-    storage = version_uri.rsplit("/datasets/", 1)[0]
+    storage = storage_root(version_uri)
     if manifest is None:
         return (f"Repair it in place by ingesting the same data again with the same settings: "
                 f"pneumonia-kfp ingest --data SOURCE --storage {storage} ...")

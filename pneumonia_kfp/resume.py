@@ -10,7 +10,7 @@ import io
 import json
 import logging
 
-from pneumonia_kfp.storage import NotFound, Store, open_store
+from pneumonia_kfp.storage import NotFound, Store, open_store, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def code_identity() -> dict:
 
 def state_store(dataset_uri: str, identity: dict) -> Store:
     """``<storage>/checkpoints/<identity hash>/`` beside the dataset versions."""
-    root = dataset_uri.rsplit("/datasets/", 1)[0]
+    root = storage_root(dataset_uri)
     key = hashlib.sha256(json.dumps({"dataset": dataset_uri, **identity, **code_identity()},
                                     sort_keys=True).encode()).hexdigest()[:16]
     return open_store(f"{root}/checkpoints/{key}")

@@ -501,17 +501,28 @@ def _retries() -> int:
     return int(os.environ.get("MINIO_RETRIES", "4"))
 
 
+def storage_root(dataset_uri: str) -> str:
+    """The store a dataset version (``<storage>/datasets/<sha>``) lives in: checkpoints, runs and jobs go
+    beside it."""
+    return dataset_uri.rsplit("/datasets/", 1)[0]
+
+
+def parse_endpoint(raw: str) -> tuple[str, bool]:
+    """(host:port, TLS?) of MINIO_ENDPOINT's forms: host:port (TLS with MINIO_SECURE=true) or
+    http(s)://host:port."""
+    parsed = urlparse(raw if "://" in raw else f"//{raw}")
+    if not parsed.netloc:
+        raise StorageError(f"MINIO_ENDPOINT={raw!r} is not host:port or http(s)://host:port")
+    secure = parsed.scheme == "https" if parsed.scheme else os.environ.get("MINIO_SECURE", "false").lower() == "true"
+    return parsed.netloc, secure
+
+
 def minio_client_from_env():
     """A minio client from MINIO_* variables, with bounded retries and short connect timeouts."""
     import urllib3
     from minio import Minio
 
-    raw = os.environ.get(ENDPOINT_ENV, "localhost:9000")
-    parsed = urlparse(raw if "://" in raw else f"//{raw}")
-    secure = parsed.scheme == "https" if parsed.scheme else os.environ.get("MINIO_SECURE", "false").lower() == "true"
-    endpoint = parsed.netloc
-    if not endpoint:
-        raise StorageError(f"MINIO_ENDPOINT={raw!r} is not host:port or http(s)://host:port")
+    endpoint, secure = parse_endpoint(os.environ.get(ENDPOINT_ENV, "localhost:9000"))
     retries = urllib3.Retry(
         total=_retries(),
         connect=2,

@@ -67,8 +67,11 @@ MODULES = {
         ["tests/test_outputs.py"]),
     # what evaluate reads (folders through ingest's scan and reader, model files) and what it answers
     "evaluation": Module(
-        "pneumonia_kfp/evaluation.py", ["x_load_model", "x_load_folder", "x_warn_one_class"],
+        "pneumonia_kfp/evaluation.py", ["x_load_model", "x_warn_one_class"],
         ["tests/test_evaluate_inputs.py"]),
+    "image_reader": Module(
+        "pneumonia_kfp/image_reader.py", ["x_read_labelled_folder", "x_read_named", "x_read_files"],
+        ["tests/test_evaluate_inputs.py", "tests/test_predict.py"]),
     # what predict reads (files, folders, s3:// objects), which engine and threshold it uses, what it writes
     "predict": Module(
         "pneumonia_kfp/predict.py", ["x_*"],
@@ -86,18 +89,26 @@ MODULES = {
         "pneumonia_kfp/outputs.py", ["x_*"],
         ["tests/test_outputs.py"]),
     "data": Module(
-        "pneumonia_kfp/data.py", ["x_patient_id", "x_grouped_holdout", "x_groups_of", "x_scan_class_folders",
-                                  "x__is_class_folder"],
-        ["tests/test_data.py", "tests/test_splits.py",
+        "pneumonia_kfp/data.py", ["x_patient_id", "x_grouped_holdout", "x_groups_of"],
+        ["tests/test_data.py", "tests/test_splits.py"]),
+    # what a folder holds, seen without opening a file: what every reader (ingest, evaluate, predict) refuses
+    "sources": Module(
+        "pneumonia_kfp/sources.py", ["x_scan_class_folders", "x_check_layout", "x_check_every_class",
+                                     "x__is_class_folder", "x__inside", "x__check_inside", "x__stat",
+                                     "x__local_files"],
+        ["tests/test_data.py", "tests/test_splits.py", "tests/test_validation.py",
          "tests/test_evaluate_inputs.py::test_folders_ingest_refuses_evaluate_refuses",
-         "tests/test_evaluate_inputs.py::test_hostile_files_are_refused_by_both_commands"]),
+         "tests/test_evaluate_inputs.py::test_hostile_files_are_refused_by_both_commands",
+         "tests/test_predict.py::test_what_ingest_refuses_predict_refuses_without_opening_it"]),
     "ingest": Module(
-        "pneumonia_kfp/ingest.py", ["x_assign_splits", "x_publish", "xǁIndexǁknown", "xǁIndexǁrecord"],
+        "pneumonia_kfp/ingest.py", ["x_assign_splits", "x_publish"],
         ["tests/test_ingest.py::test_missing_test_split_is_carved_from_train_by_patient", "tests/test_splits.py",
-         "tests/test_ingest_index.py",
          "tests/test_concurrent_store.py::test_writers_in_threads_publishing_at_once_agree_on_one_manifest"]),
+    "source_index": Module(
+        "pneumonia_kfp/source_index.py", ["xǁIndexǁknown", "xǁIndexǁrecord"],
+        ["tests/test_ingest_index.py"]),
     "validation": Module(
-        "pneumonia_kfp/validation.py", ["x_inside", "x_load_image", "x_check_leakage", "x_patients_in_both"],
+        "pneumonia_kfp/validation.py", ["x_check_classes", "x_load_image", "x_check_leakage", "x_patients_in_both"],
         ["tests/test_validation.py", "tests/test_ingest.py::test_grayscale_conversion_of_other_modes",
          "tests/test_images.py"]),
     "storage": Module(
@@ -142,11 +153,15 @@ MODULES = {
     # run-local's OUT (whose, its lock, outputs replaced whole) and the bounded CPU estimate; the real runs of
     # tests/test_run_local.py take minutes each and are left out
     "local": Module(
-        "pneumonia_kfp/pipelines/local.py",
-        ["x_check_backbone_count", "x_check_owner", "x_lock_output", "x__lock_holder", "x_claim_output",
-         "x_replace_file", "x_publish_outputs", "x_publish_log", "x_cpu_estimate"],
-        ["tests/test_run_local_out.py",
-         "tests/test_run_local.py::test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so"]),
+        "pneumonia_kfp/pipelines/local.py", ["x_check_backbone_count"],
+        ["tests/test_run_local_out.py"]),
+    "out_folder": Module(
+        "pneumonia_kfp/pipelines/out_folder.py",
+        ["x_check_owner", "x_lock_output", "x__lock_holder", "x_claim_output", "x_publish_outputs", "x_publish_log"],
+        ["tests/test_run_local_out.py"]),
+    "cpu_estimate": Module(
+        "pneumonia_kfp/pipelines/cpu_estimate.py", ["x_cpu_estimate"],
+        ["tests/test_run_local.py::test_the_cpu_estimate_stops_measuring_after_its_budget_and_says_so"]),
 }
 
 

@@ -303,7 +303,7 @@ def _external_folder(root, with_test_dir: bool):
 
 @pytest.mark.parametrize("with_test_dir", [True, False])
 def test_evaluate_scores_a_model_on_another_image_folder(trained, tmp_path, with_test_dir):
-    from pneumonia_kfp.evaluation import load_folder
+    from pneumonia_kfp.image_reader import read_labelled_folder
     from pneumonia_kfp.pipelines.evaluate_folder import evaluate_folder
 
     data = _external_folder(tmp_path, with_test_dir)
@@ -314,7 +314,7 @@ def test_evaluate_scores_a_model_on_another_image_folder(trained, tmp_path, with
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(json.dumps(results))
     (m,) = results["models"]
     assert m["test"]["n"] == 12 and m["threshold"] == meta["threshold"] and results["dataset"]["external"]
-    x, y, _ = load_folder(str(data), 32, ["NORMAL", "PNEUMONIA"])
+    x, y, _ = read_labelled_folder(str(data), 32, ["NORMAL", "PNEUMONIA"])
     model, ckpt = load_checkpoint(path)
     pred = predict(model, x, ckpt["mean"], ckpt["std"]) >= meta["threshold"]
     assert m["test"]["confusion_matrix"][1][1] == int((pred & (y == 1)).sum())
