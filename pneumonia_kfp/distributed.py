@@ -161,15 +161,17 @@ def _cpu_sync_bn_class():
 
     class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
         """BatchNorm2d whose training statistics are the global batch's over all ranks (two-pass: the
-        mean, then the centred squares, each one differentiable all-reduce), for the CPU where
+        sums and count, then the centred squares, each one differentiable all-reduce), for the CPU where
         torch.nn.SyncBatchNorm has no kernels. Same parameters and buffers as BatchNorm2d."""
 
         def forward(self, x):
             if not self.training:
                 return super().forward(x)
             dims = (0, 2, 3)
-            n = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype))
-            mean = all_reduce(x.sum(dims)) / n
+            # the count rides with the sums: on a CPU each collective's latency costs more than its bytes
+            sums = all_reduce(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / x.shape[1])]))
+            n = sums[-1]
+            mean = sums[:-1] / n
             centred = x - mean[None, :, None, None]
             var = all_reduce(centred.square().sum(dims)) / n
             with torch.no_grad():
