@@ -67,7 +67,7 @@ class Params:
     brightness: torch.Tensor | None = None  # added, [0, 1] units
     gamma: torch.Tensor | None = None  # exponent
 
-    def __getitem__(self, rows: slice) -> Params:
+    def __getitem__(self, rows: slice | torch.Tensor) -> Params:
         return Params(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                          for f in fields(self)})
 
@@ -233,7 +233,8 @@ def tta_view(images: torch.Tensor, view: tuple[float, float, float]) -> torch.Te
 
 
 def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 or [0, 1] float -> normalised float (one new tensor, then in place)."""
+    """uint8 -> a new normalised float tensor; [0, 1] float -> normalised in place, and returned (every
+    caller hands over a batch it has just made: a copy would cost a pass through memory)."""
     if x.dtype == torch.uint8:
         return x.float().mul_(1 / (255 * std)).sub_(mean / std)
-    return x.mul(1 / std).sub_(mean / std)
+    return x.mul_(1 / std).sub_(mean / std)

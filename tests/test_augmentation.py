@@ -108,6 +108,9 @@ def test_seed_policy_equalizes_about_half():
 def test_normalize():
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     assert torch.allclose(normalize(x, 0.5, 0.25), torch.tensor([[[[-2.0, 2.0]]]]))
+    assert x.tolist() == [[[[0, 255]]]]  # uint8 left as it was
+    fresh = torch.tensor([[[[0.0, 1.0]]]])
+    assert normalize(fresh, 0.5, 0.25) is fresh and fresh.tolist() == [[[[-2.0, 2.0]]]]  # a float batch, in place
 
 
 def test_sampling_grid_is_the_affine_grid():
