@@ -9,6 +9,8 @@ from typing import Any, NotRequired, TypedDict
 
 from pneumonia_kfp.errors import PneumoniaKfpError
 
+VAL_FROM_DATASET = "dataset val split"  # a checkpoint's val_source when the dataset's own val split was used
+
 
 class DocumentError(PneumoniaKfpError, ValueError):
     """A document of an unknown or missing format, or missing a field its writer always writes."""
@@ -81,7 +83,7 @@ class CheckpointMeta(TypedDict):
     best_epoch: int  # the epoch kept (best validation AUC)
     pretrained: bool
     dataset_uri: str
-    val_source: str  # how validation was made: the dataset's val split, or carved from train
+    val_source: str  # how validation was made: VAL_FROM_DATASET, or a sentence on the carve from train
     recipe: dict[str, Any]  # training.Recipe as a dict
     seconds: float  # training time
     images_per_second: float

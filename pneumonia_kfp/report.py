@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from pneumonia_kfp.documents import VAL_FROM_DATASET
 from pneumonia_kfp.metrics import TARGET_SENSITIVITY
 from pneumonia_kfp.params import default
 
@@ -28,7 +29,6 @@ SHIFT_NOTE = ("Thresholds come from validation only. The validation images come 
               "train and are easier than a new hospital's: a threshold tuned on them tends to over-call "
               "pneumonia on shifted data (lower specificity), which is why the default rule takes nothing from them.")
 PREDICTION_COLUMNS = ("split", "file", "patient", "label")
-DATASET_VAL = "dataset val split"  # a training result's val_source when the dataset's own val split was used
 
 
 def without_predictions(results: dict) -> dict:
@@ -173,7 +173,7 @@ def _dataset_line(results: dict) -> str:
     carved = " Test split carved from train (grouped by patient)." if d.get("test_carved_from_train") else ""
     # how each model was validated, as training recorded it (the ensemble has no training of its own)
     sources = sorted({m["train"]["val_source"] for m in results["models"] if not m.get("members")})
-    if any(s != DATASET_VAL for s in sources):
+    if any(s != VAL_FROM_DATASET for s in sources):
         carved += (f" Validation: {'; '.join(sources)}: each model validated on a patient-grouped carve-out "
                    "of train + val instead of the dataset's val split (n in each model's val block).")
     return f"Dataset `{d['uri']}` ({counts}).{carved}"

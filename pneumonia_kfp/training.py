@@ -18,7 +18,7 @@ import numpy as np
 
 from pneumonia_kfp import resume
 from pneumonia_kfp.data import DataError, StoredDataset, grouped_holdout, groups_of
-from pneumonia_kfp.documents import checkpoint_meta
+from pneumonia_kfp.documents import VAL_FROM_DATASET, checkpoint_meta
 from pneumonia_kfp.params import RECIPE_DEFAULTS, check_run_params, default
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def train_val_split(ds: StoredDataset, seed: int):
     tx, ty, te = ds.split("train")
     vx, vy, ve = ds.split("val")
     if len(vy) >= MIN_VAL_IMAGES:
-        return (tx, ty), (vx, vy, ve), "dataset val split"
+        return (tx, ty), (vx, vy, ve), VAL_FROM_DATASET
     if len(vy):
         tx, ty, te = np.concatenate([tx, vx]), np.concatenate([ty, vy]), te + ve
     held = grouped_holdout(ty, groups_of(te), VAL_FRACTION, seed)
