@@ -42,15 +42,17 @@ def deploy_op(
     )
     from pneumonia_kfp.documents import read_results
     from pneumonia_kfp.storage import ENDPOINT_ENV
+    from pneumonia_kfp.task_errors import recording_errors
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with open(summary.path) as f:
-        results = read_results(json.load(f), "results.json")
-    model = model_source(results, summary.path)  # the best trained model by validation: its model artifact
-    # the store's endpoint and keys as this pod has them (the profile's Secret) are what KServe gets
-    target = Target(serve_name, current_namespace(), image, os.environ.get(ENDPOINT_ENV, "localhost:9000"),
-                    *store_keys())
-    done = deploy(model, storage, target, kube_client(), registry=os.environ.get(REGISTRY_ENV, ""),
-                  timeout=timeout_seconds)
-    return namedtuple("Outputs", ["url", "model_uri", "model_id", "registry_version"])(
-        done.url, done.model.uri, done.model.model_id, done.registry_version)
+    with recording_errors("deploy-op"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        with open(summary.path) as f:
+            results = read_results(json.load(f), "results.json")
+        model = model_source(results, summary.path)  # the best trained model by validation: its model artifact
+        # the store's endpoint and keys as this pod has them (the profile's Secret) are what KServe gets
+        target = Target(serve_name, current_namespace(), image, os.environ.get(ENDPOINT_ENV, "localhost:9000"),
+                        *store_keys())
+        done = deploy(model, storage, target, kube_client(), registry=os.environ.get(REGISTRY_ENV, ""),
+                      timeout=timeout_seconds)
+        return namedtuple("Outputs", ["url", "model_uri", "model_id", "registry_version"])(
+            done.url, done.model.uri, done.model.model_id, done.registry_version)

@@ -84,13 +84,14 @@ def test_a_record_of_another_format_is_one_line_naming_it(records):
 
 
 def test_every_component_records_under_its_task_name_in_the_pipeline():
-    """The name each body of run-local's steps passes to recording_errors is its task's name in the pipeline."""
+    """The name each step's body passes to recording_errors is its task's name in the pipeline (deploy-op too,
+    which runs only with serve_name)."""
     from pneumonia_kfp.pipelines.pipeline import build_pipeline
 
     spec = build_pipeline(2).pipeline_spec
     dags = [spec.root.dag] + [c.dag for c in spec.components.values()]
     component_of = {name: task.component_ref.name for dag in dags for name, task in dag.tasks.items()}
     executors = spec.deployment_spec["executors"]
-    for task in ("start-op", "ingest-op", "train-op", "evaluate-op", "report-op"):
+    for task in ("start-op", "ingest-op", "train-op", "evaluate-op", "report-op", "deploy-op"):
         program = "\n".join(executors[spec.components[component_of[task]].executor_label]["container"]["command"])
         assert f'recording_errors("{task}")' in program, task
