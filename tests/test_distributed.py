@@ -171,3 +171,22 @@ def test_a_failing_rank_fails_the_task_in_one_line(stored, tmp_path):
     with pytest.raises(DistributedError, match=r"failed \(exit 1\): batch_size=1 is smaller than the 2 ranks"):
         run_ranks(2, f"{(root / 'store').as_uri()}/datasets/{version}", "test_resnet", str(tmp_path / "model"),
                   {**PARAMS, "batch_size": 1})
+
+
+def test_ranks_of_a_train_task_and_run_locals_checks(tmp_path):
+    from pneumonia_kfp.distributed import RANKS_ENV, DistributedError, task_ranks
+    from pneumonia_kfp.errors import UsageError
+    from pneumonia_kfp.pipelines.cli import parser
+    from pneumonia_kfp.pipelines.local import run_local
+
+    assert task_ranks({RANKS_ENV: "3"}) == 3
+    assert task_ranks({}) == max(1, torch.cuda.device_count())  # one per GPU the task sees, else 1
+    with pytest.raises(DistributedError, match=f"{RANKS_ENV}='0': expected a number of ranks"):
+        task_ranks({RANKS_ENV: "0"})
+    with pytest.raises(SystemExit):
+        parser().parse_args(["run-local", "--output", str(tmp_path), "--ranks", "0"])
+    assert parser().parse_args(["run-local", "--output", str(tmp_path), "--ranks", "2"]).ranks == 2
+    with pytest.raises(UsageError, match="--ranks 4 exceeds --batch-size 2"):
+        run_local({"backbones": ["resnet18"], "batch_size": 2}, tmp_path / "out", None, True, ranks=4)
+    with pytest.raises(UsageError, match="--ranks with --gpus"):
+        run_local({"backbones": ["resnet18"], "batch_size": 32}, tmp_path / "out", None, True, gpus="all", ranks=2)
