@@ -240,7 +240,6 @@ def test_cpu_only_training(tmp_path):
     (["--set", "train.gpus=2"], "unknown setting 'train.gpus'; known: env, evaluate.cpu_limit"),
     (["--set", "train.memory_limit=32GB"], "train.memory_limit='32GB': expected a memory quantity"),
     (["--set", "train.accelerator_count=-1"], "train.accelerator_count=-1: expected 0 (CPU) or 1 (one GPU)"),
-    (["--set", "train.accelerator_count=2"], "train.accelerator_count=2: expected 0 (CPU) or 1 (one GPU)"),
     (["--set", "train.tolerations=[{key: a, effects: NoSchedule}]"], "train.tolerations[0]="),
     (["--set", "train.tolerations=[{key: a, operator: Equals}]"], "operator Equal|Exists"),
     (["--set", "env={MINIO_ENDPOINT: x:9000}"], "set minio.endpoint instead"),
