@@ -324,7 +324,8 @@ def fit(train: Split, val: Split, recipe: Recipe, run: Run, device, class_names:
         state.load_state_dict(saved)
         log.warning("%s: resuming after epoch %d from %s", run.backbone, state.epoch, states.uri_of("last.pt"))
     # Prometheus pushgateway, when configured; a resumed run's earlier epochs count too
-    telemetry = TrainTelemetry(run.backbone, run.epochs, history=state.history,
+    # rank 0 alone pushes ("" turns pushing off): the figures are the global batch's on every rank
+    telemetry = TrainTelemetry(run.backbone, run.epochs, gateway=None if world.main else "", history=state.history,
                                samples_per_epoch=min(plan.steps * run.batch_size, data.count))
     while state.epoch < run.epochs:
         row = fit_epoch(state, plan, val)
