@@ -169,7 +169,7 @@ def photometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor
     return _photometric(x, Params(None, None, None, None, **_photometric_params(len(x), policy, x, generator)), 1.0)
 
 
-def _apply_slice(images: torch.Tensor, p: Params, out: torch.Tensor) -> None:
+def _apply_slice(images: torch.Tensor, p: Params, out: torch.Tensor, normalize_to) -> None:
     if p.equalize is not None:
         # every sample equalized, the chosen ones kept: picking them first would read the choice back
         images = torch.where(p.equalize[:, None, None, None], TF.equalize(images), images)
@@ -178,20 +178,23 @@ def _apply_slice(images: torch.Tensor, p: Params, out: torch.Tensor) -> None:
         torch.mul(x, 1 / 255, out=out)
     else:
         _photometric(x, p, 255.0, out=out)
+    if normalize_to is not None:
+        normalize(out, *normalize_to)  # while the slice is in the cache
 
 
-def apply(images: torch.Tensor, params: Params) -> torch.Tensor:
-    """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented with ``params`` (see ``draw``)."""
+def apply(images: torch.Tensor, params: Params, normalize_to: tuple[float, float] | None = None) -> torch.Tensor:
+    """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented with ``params`` (see ``draw``); with
+    ``normalize_to`` (mean, std), normalised too: ``normalize`` on each slice, one pass less through memory."""
     out = torch.empty(images.shape, device=images.device)
     if images.device.type != "cpu":
-        _apply_slice(images, params, out)
+        _apply_slice(images, params, out, normalize_to)
         return out
     threads = torch.get_num_threads()
     step = max(1, min(CPU_SLICE_PIXELS // images[0].numel(), -(-len(images) // threads)))
     slices = [slice(start, start + step) for start in range(0, len(images), step)]
 
     def one(rows):
-        _apply_slice(images[rows], params[rows], out[rows])
+        _apply_slice(images[rows], params[rows], out[rows], normalize_to)
 
     if threads == 1 or len(slices) == 1:
         for rows in slices:
@@ -210,11 +213,13 @@ def apply(images: torch.Tensor, params: Params) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator | None = None,
-            policy: Policy | None = DEFAULT_POLICY) -> torch.Tensor:
-    """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented (``policy`` None: only converted)."""
+            policy: Policy | None = DEFAULT_POLICY, normalize_to: tuple[float, float] | None = None) -> torch.Tensor:
+    """uint8 B×1×H×W -> float B×1×H×W in [0, 1], augmented (``policy`` None: only converted); with
+    ``normalize_to`` (mean, std) the same as ``normalize(augment(...), mean, std)``, faster on a CPU."""
     if policy is None:
-        return images.float().div_(255)
-    return apply(images, draw(policy, len(images), images, generator))
+        x = images.float().div_(255)
+        return x if normalize_to is None else normalize(x, *normalize_to)
+    return apply(images, draw(policy, len(images), images, generator), normalize_to)
 
 
 # Test-time augmentation: the image itself plus mild geometric variants within the training

@@ -254,3 +254,11 @@ def test_each_augmentation_changes_images_when_on_and_nothing_when_off(field):
     assert (change > 1e-3).float().mean() >= 0.75, field  # nearly every sample visibly changed
     assert torch.allclose(augment(images, torch.Generator().manual_seed(17), NEUTRAL), images.float() / 255,
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [DEFAULT_POLICY, GEOMETRIC_ONLY, None])
+def test_normalize_to_is_normalize_after_augment(policy):
+    images = _xray_like(12, 32)
+    separate = normalize(augment(images, torch.Generator().manual_seed(18), policy), 0.45, 0.23)
+    fused = augment(images, torch.Generator().manual_seed(18), policy, normalize_to=(0.45, 0.23))
+    assert torch.allclose(fused, separate, atol=1e-6) and fused.min() < -1  # normalised, not [0, 1]
