@@ -193,8 +193,11 @@ def apply(images: torch.Tensor, params: Params, normalize_to: tuple[float, float
     step = max(1, min(CPU_SLICE_PIXELS // images[0].numel(), -(-len(images) // threads)))
     slices = [slice(start, start + step) for start in range(0, len(images), step)]
 
+    inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
+
     def one(rows):
-        _apply_slice(images[rows], params[rows], out[rows], normalize_to)
+        with torch.inference_mode(inference):
+            _apply_slice(images[rows], params[rows], out[rows], normalize_to)
 
     if threads == 1 or len(slices) == 1:
         for rows in slices:

@@ -239,6 +239,8 @@ def test_cpu_slices_on_threads_give_the_whole_batchs_result(monkeypatch):
         monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 2 * 24 * 24)
         sliced = _augment_on(3, images, policy)  # slices of 2, 2, 2 and 1 images on 3 threads
         assert torch.allclose(whole, sliced, atol=1e-6)
+        with torch.inference_mode():  # the pool's threads work in the caller's mode
+            assert torch.equal(_augment_on(3, images, policy), sliced)
 
 
 ONE_AT_A_TIME = {"rotation": (-10.0, 10.0), "scale": (0.85, 1.15), "translate": 0.08, "equalize_p": 1.0,
