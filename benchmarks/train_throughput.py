@@ -38,10 +38,10 @@ def timed_steps(model, make_batch, steps, loss_fn, optimizer, scaler, device) ->
 def main():
     from pneumonia_kfp.backbones import grayscale_normalization
     from pneumonia_kfp.data import StoredDataset
-    from pneumonia_kfp.device import select_device
+    from pneumonia_kfp.device import select_device, to_device
     from pneumonia_kfp.inference import device_layout
     from pneumonia_kfp.ingest import ingest
-    from pneumonia_kfp.training import Recipe, build_state, to_device, training_batch
+    from pneumonia_kfp.training import Recipe, build_state, training_batch
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="ImageFolder (e.g. chest_xray, the Kermany layout)")

@@ -104,3 +104,11 @@ def identity(device) -> dict:
     """What of the device a saved training state depends on: a state from another device type, autocast
     dtype (scaler on or off) or determinism cannot be resumed here."""
     return {"device": device.type, "autocast": str(amp_dtype(device)), "deterministic": deterministic()}
+
+
+def to_device(array, device):
+    """numpy -> tensor on ``device``, one blocking copy. Not through pinned memory: torch's pinned-memory
+    cache would keep a pinned copy of the whole training set for the rest of the run."""
+    import torch
+
+    return torch.from_numpy(array).to(device)

@@ -50,6 +50,7 @@ DEVICE_DATA_BUDGET_ENV = "PNEUMONIA_KFP_DEVICE_DATA_BUDGET_MB"
 DEVICE_DATA_FRACTION = 0.5  # the rest: the model, optimizer state and activations
 # a folder where each rank that fails writes its one-line error (rank-N.txt), read back by run_ranks
 RANK_ERRORS_ENV = "PNEUMONIA_KFP_RANK_ERRORS"
+RESULT = "job-result.json"  # what train_worker leaves beside the model it wrote: the model's metadata
 
 
 class DistributedError(PneumoniaKfpError, RuntimeError):
@@ -106,7 +107,6 @@ def run_ranks(ranks: int, dataset_uri: str, backbone: str, model_dir: str, param
     job's entry point too); rank 0 writes the model directory. Returns the model's artifact metadata."""
     import torch
 
-    from pneumonia_kfp.train_worker import RESULT
 
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         raise DistributedError(f"{ranks} ranks but this task sees {torch.cuda.device_count()} GPU(s): each rank "
@@ -282,7 +282,7 @@ class TrainShard:
                         budget / 2 ** 20, DEVICE_DATA_BUDGET_ENV)
             self.images = torch.from_numpy(mine)
         else:
-            from pneumonia_kfp.training import to_device
+            from pneumonia_kfp.device import to_device
 
             self.images = to_device(mine, device)
 

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from pneumonia_kfp.distributed import RESULT
 from pneumonia_kfp.jobs import (
     ENGINES,
     PART_OF,
@@ -39,7 +40,6 @@ from pneumonia_kfp.jobs import (
 )
 from pneumonia_kfp.procs import stop_signals_raise
 from pneumonia_kfp.storage import storage_root
-from pneumonia_kfp.train_worker import RESULT
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 SUCCEEDED, FAILED = {"Succeeded", "Complete"}, "Failed"

@@ -19,13 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULT = "job-result.json"
 # the model artifact's metadata, as the one-GPU train component records it
 MODEL_METADATA = ("backbone", "best_epoch", "threshold", "threshold_rule", "image_size", "epochs", "pretrained",
                   "seconds", "images_per_second")
 
 
 def upload(directory: Path, output: str, metadata: dict) -> None:
+    from pneumonia_kfp.distributed import RESULT
     from pneumonia_kfp.storage import open_store
 
     store = open_store(output)

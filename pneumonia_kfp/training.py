@@ -89,14 +89,6 @@ class Recipe:
         return {**asdict(self), "augmentation_strengths": None if policy is None else asdict(policy)}
 
 
-def to_device(array, device):
-    """numpy -> tensor on ``device``, one blocking copy. Not through pinned memory: torch's pinned-memory
-    cache would keep a pinned copy of the whole training set for the rest of the run."""
-    import torch
-
-    return torch.from_numpy(array).to(device)
-
-
 def training_batch(images, idx, generator, mean: float, std: float, policy="default"):
     """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
 

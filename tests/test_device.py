@@ -176,7 +176,7 @@ def test_augmentation_copies_its_blur_kernel_to_the_device_once():
 
 def test_the_training_set_goes_to_the_device_without_pinned_memory(monkeypatch):
     """A pinned copy of the whole set would stay in torch's pinned-memory cache for the whole run."""
-    from pneumonia_kfp.training import to_device
+    from pneumonia_kfp.device import to_device
 
     moved = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pytest.fail("pinned"))
