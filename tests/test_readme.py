@@ -264,3 +264,13 @@ def test_the_step_names_the_readme_gives_are_the_compiled_ones(tmp_path):
     steps = {name for name in compiled if not name.startswith("condition")}
     assert named <= compiled, f"README names steps the compiled pipeline lacks: {sorted(named - compiled)}"
     assert steps <= named, f"README section 7 does not name the compiled steps {sorted(steps - named)}"
+
+
+def test_the_layout_names_every_module():
+    """A module added without a word in the README's Layout is a module the next engineer cannot find."""
+    text = README.read_text()
+    layout = text[text.index("## Layout"):]
+    missing = [f"{folder}/{path.name}" for folder in ("pneumonia_kfp", "components", "pipelines")
+               for path in sorted((ROOT / folder).glob("*.py"))
+               if path.stem != "__init__" and not re.search(rf"\b{path.stem}\b", layout)]
+    assert not missing, f"README's Layout does not name {missing}"
