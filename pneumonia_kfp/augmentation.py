@@ -190,7 +190,7 @@ def apply(images: torch.Tensor, params: Params, normalize_to: tuple[float, float
         _apply_slice(images, params, out, normalize_to)
         return out
     threads = torch.get_num_threads()
-    step = max(1, min(CPU_SLICE_PIXELS // images[0].numel(), -(-len(images) // threads)))
+    step = max(1, min(CPU_SLICE_PIXELS // max(1, math.prod(images.shape[1:])), -(-len(images) // threads)))
     slices = [slice(start, start + step) for start in range(0, len(images), step)]
 
     inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
@@ -199,7 +199,7 @@ def apply(images: torch.Tensor, params: Params, normalize_to: tuple[float, float
         with torch.inference_mode(inference):
             _apply_slice(images[rows], params[rows], out[rows], normalize_to)
 
-    if threads == 1 or len(slices) == 1:
+    if threads == 1 or len(slices) <= 1:
         for rows in slices:
             one(rows)
         return out

@@ -54,6 +54,7 @@ def test_a_neutral_policy_changes_nothing():
     out = augment(x, torch.Generator().manual_seed(0), NEUTRAL)
     assert torch.allclose(out, x.float() / 255, atol=1e-5)
     assert torch.equal(augment(x, None, None), x.float() / 255)
+    assert augment(x[:0], torch.Generator().manual_seed(0)).shape == (0, 1, 32, 32)  # an empty batch too
 
 
 def test_geometric_moves_pixels_but_keeps_content():
