@@ -335,7 +335,6 @@ class TrainShard:
 def batch_of(step: Step, generator, mean: float, std: float, policy: str):
     """This rank's augmented, normalised float rows of the step: the global batch's augmentation
     parameters drawn (the same on every rank, the same at any W), this rank's taken."""
-    import torch
 
     from pneumonia_kfp.augmentation import POLICIES, apply, draw, normalize
     from pneumonia_kfp.inference import device_layout
@@ -343,12 +342,12 @@ def batch_of(step: Step, generator, mean: float, std: float, policy: str):
     chosen = POLICIES[policy]
     images = step.images
     if chosen is None:
-        x = images.float().div_(255)
+        x = normalize(images, mean, std)
     else:
         params = draw(chosen, step.count, images, generator)
         params = params if step.positions is None else params[step.positions]
-        x = apply(images, params) if len(images) else torch.empty(images.shape, device=images.device)
-    return device_layout(normalize(x, mean, std), x.device)
+        x = apply(images, params, normalize_to=(mean, std))  # an empty share gives an empty batch
+    return device_layout(x, x.device)
 
 
 # --- validation: every rank predicts its part, all get the whole ------------------------------------------

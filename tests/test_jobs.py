@@ -20,10 +20,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pneumonia_kfp.distributed import RESULT
 from pneumonia_kfp.jobs import JobConfig, JobError, config_from_settings, job_name, manifest, torchrun_command
 from pneumonia_kfp.pipelines.settings import SettingsError, load
 from pneumonia_kfp.storage import ACCESS_KEY_ENV, open_store
-from pneumonia_kfp.train_worker import RESULT
 from tests.test_kfp_compat import BACKENDS, DEGRADATIONS, PROBE, features, venv
 from tests.test_kubeflow_manifests import render
 
