@@ -171,13 +171,16 @@ def ranks_arg(value: str) -> int:
     raise argparse.ArgumentTypeError(f"{value!r}: expected a number of torchrun ranks (1 or more)")
 
 
-def parser() -> argparse.ArgumentParser:
-    from pneumonia_kfp.pipelines.pipeline import PIPELINE_NAME
-    from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
+def _model_options(command) -> None:
+    """What predict and serve both take: which exported form runs, and which validation-chosen threshold."""
+    command.add_argument("--engine", choices=("onnx", "pt2", "checkpoint"), default="onnx",
+                         help="model.onnx with onnxruntime (default; model.pt2 when there is none), model.pt2 "
+                         "(torch.export) or checkpoint.pt")
+    command.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
+                         help="the threshold chosen on validation by this rule (default: the model's own rule)")
 
-    p = argparse.ArgumentParser(prog="pneumonia-kfp", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
 
+def _run_local_command(sub) -> None:
     r = sub.add_parser("run-local", help="run the whole pipeline on this machine (kfp local runner)")
     r.add_argument("--output", required=True, help="where results.json, report.md, report.html and the log go")
     add_params(r, RUN_LOCAL_PARAMS, helps={
@@ -197,10 +200,14 @@ def parser() -> argparse.ArgumentParser:
                    "replaced), and train more than 32 backbones")
     r.set_defaults(func=run_local_cmd)
 
+
+def _ingest_command(sub) -> None:
     i = sub.add_parser("ingest", help="ingest an ImageFolder into the store; prints the dataset URI")
     add_params(i, INGEST_PARAMS, required=("data", "storage"))
     i.set_defaults(func=ingest_cmd)
 
+
+def _gc_command(sub) -> None:
     g = sub.add_parser("gc", help="remove what no published dataset version references (safe while ingests run)")
     g.add_argument("--storage", required=True, help="store URI: file:///abs/path or s3://bucket/prefix")
     g.add_argument("--older-than", default="1d", metavar="DURATION",
@@ -209,11 +216,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     g.set_defaults(func=gc_cmd)
 
+
+def _verify_command(sub) -> None:
     v = sub.add_parser("verify", help="check every object of the store's dataset versions against their manifests")
     v.add_argument("--storage", required=True, help="store URI: file:///abs/path or s3://bucket/prefix")
     v.add_argument("--version", metavar="SHA", help="check only this version (datasets/SHA); default: all")
     v.set_defaults(func=verify_cmd)
 
+
+def _evaluate_command(sub) -> None:
     e = sub.add_parser("evaluate", help="score a trained model on another ImageFolder (its test/ or class folders)")
     e.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
     e.add_argument("--data", required=True, help="ImageFolder: DIR/test/<class>/* or DIR/<class>/* (a directory "
@@ -221,17 +232,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="where results.json, report.md, report.html, predictions.csv go")
     e.set_defaults(func=evaluate_cmd)
 
+
+def _predict_command(sub) -> None:
     d = sub.add_parser("predict", help="P(pneumonia) and label of images at the model's validation-chosen threshold")
     d.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
     d.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (every file under them) and "
                    "s3:// URIs (an object or a prefix)")
-    d.add_argument("--engine", choices=("onnx", "pt2", "checkpoint"), default="onnx",
-                   help="model.onnx with onnxruntime (default; model.pt2 when there is none), model.pt2 "
-                   "(torch.export) or checkpoint.pt")
-    d.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
-                   help="the threshold chosen on validation by this rule (default: the model's own rule)")
+    _model_options(d)
     d.add_argument("--output", metavar="FILE", help="also write the predictions to FILE.csv or FILE.json")
     d.set_defaults(func=predict_cmd)
+
+
+def _deploy_command(sub) -> None:
+    from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
 
     y = sub.add_parser("deploy", help="serve the best model (by validation) as a KServe InferenceService; "
                        "--dry-run prints the objects")
@@ -252,25 +265,33 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(y)
     y.set_defaults(func=deploy_cmd)
 
+
+def _serve_command(sub) -> None:
     v = sub.add_parser("serve", help="answer HTTP requests with the model: KServe's model server (Open Inference "
                        "Protocol v2, KServe v1, Prometheus /metrics)")
     v.add_argument("--model", required=True, help="a model directory: OUT/models/<backbone> of run-local")
     v.add_argument("--port", type=int, default=8080, help="the HTTP port, on every interface (default: 8080)")
     v.add_argument("--name", default="pneumonia", help="the model's name in the URLs: /v2/models/NAME/infer, "
                    "/v1/models/NAME:predict (default: pneumonia)")
-    v.add_argument("--engine", choices=("onnx", "pt2", "checkpoint"), default="onnx",
-                   help="as predict's --engine (default: onnx; model.pt2 when there is no model.onnx)")
-    v.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
-                   help="the threshold chosen on validation by this rule (default: the model's own rule)")
+    _model_options(v)
     v.add_argument("--max-request-mb", type=float, default=64, metavar="MIB",
                    help="a request body over this many MiB gets 413 (default: 64)")
     v.set_defaults(func=serve_cmd)
+
+
+def _compile_command(sub) -> None:
+    from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML (with its Kubernetes platform spec)")
     c.add_argument("-o", "--output", default="pipeline.yaml", help="the YAML file to write (default: pipeline.yaml)")
     add_params(c, ["max_parallel"])
     add_settings_arguments(c)
     c.set_defaults(func=compile_cmd)
+
+
+def _submit_command(sub) -> None:
+    from pneumonia_kfp.pipelines.pipeline import PIPELINE_NAME
+    from pneumonia_kfp.pipelines.settings import add_arguments as add_settings_arguments
 
     s = sub.add_parser("submit", help="compile and run the pipeline on a Kubeflow Pipelines cluster")
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
@@ -289,6 +310,14 @@ def parser() -> argparse.ArgumentParser:
     add_params(s, ["max_parallel"])
     add_settings_arguments(s)
     s.set_defaults(func=submit_cmd)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumonia-kfp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_command in (_run_local_command, _ingest_command, _gc_command, _verify_command, _evaluate_command,
+                        _predict_command, _deploy_command, _serve_command, _compile_command, _submit_command):
+        add_command(sub)
     return p
 
 
