@@ -34,13 +34,12 @@ def deploy_op(
     from pneumonia_kfp.deploy import (
         REGISTRY_ENV,
         Target,
-        current_namespace,
         deploy,
-        kube_client,
         model_source,
         store_keys,
     )
     from pneumonia_kfp.documents import read_results
+    from pneumonia_kfp.kube import api_client, current_namespace
     from pneumonia_kfp.storage import ENDPOINT_ENV
     from pneumonia_kfp.task_errors import recording_errors
 
@@ -52,7 +51,7 @@ def deploy_op(
         # the store's endpoint and keys as this pod has them (the profile's Secret) are what KServe gets
         target = Target(serve_name, current_namespace(), image, os.environ.get(ENDPOINT_ENV, "localhost:9000"),
                         *store_keys())
-        done = deploy(model, storage, target, kube_client(), registry=os.environ.get(REGISTRY_ENV, ""),
+        done = deploy(model, storage, target, api_client(), registry=os.environ.get(REGISTRY_ENV, ""),
                       timeout=timeout_seconds)
         return namedtuple("Outputs", ["url", "model_uri", "model_id", "registry_version"])(
             done.url, done.model.uri, done.model.model_id, done.registry_version)

@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
+from pneumonia_kfp.kube import api_client, current_namespace
 from pneumonia_kfp.storage import parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -397,38 +398,6 @@ def _first_line(e: Exception) -> str:
 
 # --- the whole deploy -------------------------------------------------------------------------------------
 
-def _kube_config_file() -> str | None:
-    # read here, not at import time as the kubernetes package does, so a KUBECONFIG set later counts
-    return os.environ.get("KUBECONFIG") or None
-
-
-def kube_client():
-    """An ApiClient: in a pod its ServiceAccount, elsewhere the kube config (KUBECONFIG or ~/.kube/config)."""
-    from kubernetes import client, config
-
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        return client.ApiClient()
-    try:
-        return config.new_client_from_config(config_file=_kube_config_file())
-    except (config.ConfigException, OSError) as e:
-        raise UsageError(f"no Kubernetes cluster configured ({e}): set KUBECONFIG, or use --dry-run") from None
-
-
-def current_namespace() -> str:
-    """The pod's namespace in a pod; else the kube config's current context's namespace, or default."""
-    pod = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and pod.is_file():
-        return pod.read_text().strip()
-    from kubernetes import config
-
-    try:
-        _, active = config.list_kube_config_contexts(config_file=_kube_config_file())
-        return active["context"].get("namespace") or "default"
-    except (config.ConfigException, OSError):
-        return "default"
-
-
 def store_keys() -> tuple[str | None, str | None, str | None]:
     """(access key, secret key, region) of the store as this process has them (MINIO_*): the Secret's values."""
     from pneumonia_kfp.storage import ACCESS_KEY_ENV, SECRET_KEY_ENV
@@ -472,5 +441,5 @@ def command(name: str, settings, model: str | None = None, run: str | None = Non
     target = Target(name, namespace, settings.image, settings.minio.endpoint, *store_keys())
     if dry_run:  # the model is loaded (its id names its folder) but nothing is copied or applied
         return to_yaml(objects(target, publish(source, storage, dry_run=True)))
-    done = deploy(source, storage, target, kube_client(), registry=registry, timeout=timeout)
+    done = deploy(source, storage, target, api_client(), registry=registry, timeout=timeout)
     return done.url + "\n"

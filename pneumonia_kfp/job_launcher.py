@@ -38,37 +38,16 @@ from pneumonia_kfp.jobs import (
     rank0_selector,
     torchrun_command,
 )
+from pneumonia_kfp.kube import api_client, current_namespace
 from pneumonia_kfp.procs import stop_signals_raise
 from pneumonia_kfp.storage import storage_root
 
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 SUCCEEDED, FAILED = {"Succeeded", "Complete"}, "Failed"
 # a pod waiting for one of these will not start by itself (neither engine fails the job for it): fail the task
 STUCK = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 FAILED_WAITING = STUCK + ("ErrImagePull", "CrashLoopBackOff")
 RBAC_HINT = ("give the pipeline's ServiceAccount the Role in manifests/distributed-training "
              "(README: Many GPUs and nodes)")
-
-
-def api_client():
-    """In a pod: its ServiceAccount; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
-
-
-def current_namespace() -> str:
-    try:
-        return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
-    except OSError:
-        from kubernetes import config
-
-        _, context = config.list_kube_config_contexts()
-        return context["context"].get("namespace", "default")
 
 
 def _reason(e) -> str:
