@@ -46,9 +46,13 @@ test: setup system-packages
 	status=0; $(MAKE) --no-print-directory test-image && $(BIN)/python -m pytest -q || status=$$?; \
 	  scripts/docker-engine.sh stop; exit $$status
 
+# the test image of an older lock or version (another tag of the same local name) is ~6 GB the tests will not
+# use again: removed, like the dangling images, so each lock change does not leave one more behind
 test-image: setup
 	$(if $(filter $(DEBIAN_BASE),$(TEST_BASE_IMAGE)),images/base-image.sh $(DEBIAN_BASE))
 	$(MAKE) --no-print-directory image BASE_IMAGE=$(TEST_BASE_IMAGE) IMAGE= REGISTRY=
+	docker image ls --format '{{.Repository}}:{{.Tag}}' $(LOCAL_REPOSITORY) | grep -vxF '$(LOCAL_IMAGE)' \
+	  | xargs -r docker image rm >/dev/null
 	docker image prune -f >/dev/null
 	docker builder prune -f >/dev/null
 
@@ -69,7 +73,8 @@ compile: setup
 IMAGE_TAG = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pneumonia_kfp/__init__.py)-$(shell sha256sum $(LOCK) | cut -c1-12)
 IMAGE ?= $(if $(REGISTRY),$(REGISTRY)/pneumonia-kfp:$(IMAGE_TAG))
 # the name the components default to (kfp_defaults.BASE_IMAGE): what run-local --runner docker runs
-LOCAL_IMAGE = ghcr.io/pneumonia-kfp/pneumonia-kfp:$(IMAGE_TAG)
+LOCAL_REPOSITORY = ghcr.io/pneumonia-kfp/pneumonia-kfp
+LOCAL_IMAGE = $(LOCAL_REPOSITORY):$(IMAGE_TAG)
 # the base: the Dockerfile's python:3.11 slim; without Docker Hub, `make base-image` and BASE_IMAGE=$(DEBIAN_BASE)
 BASE_IMAGE ?=
 DEBIAN_BASE = pneumonia-kfp-base:3.11-bookworm

@@ -169,8 +169,11 @@ def test_each_missing_part_is_one_line(engine, data, tmp_path):
         assert f"image {BASE_IMAGE} holds other code than this checkout (code 0123456789ab, this checkout " \
                f"{docker.source_digest()[:12]}); rebuild it with: make image" in error()
         engine.images.remove(BASE_IMAGE, noprune=True)
-        assert f"image {BASE_IMAGE} is not on this Docker engine; build it from this checkout with: make image" \
-            in error()
+        # images of this repository with other tags (other versions or locks) are named as what the engine has
+        others = sorted(t for i in engine.images.list() for t in i.tags if t.rsplit(":", 1)[0] == repository)
+        found = f" (this engine has {', '.join(others)}, built from another version or lock)" if others else ""
+        assert f"image {BASE_IMAGE} is not on this Docker engine{found}; build it from this checkout with: make " \
+            "image" in error()
     finally:
         saved.tag(repository, tag)
         with contextlib.suppress(ImageNotFound):  # gone already when it lost its only tag above

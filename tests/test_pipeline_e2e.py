@@ -74,7 +74,7 @@ def test_compile_has_parallel_for_in_a_sub_pipeline_and_report_after_it(tmp_path
     loop = next(t for name, t in inner.items() if name.startswith("for-loop"))
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--backbones"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
-    assert set(dag) == {"start-op", "ingest-op", "train-and-evaluate", "report-op"}
+    assert set(dag) == {"start-op", "ingest-op", "train-and-evaluate", "report-op", "condition-1"}  # 1: deploy
     # fan-in through the run folder: report waits for the sub-pipeline and takes no collected artifacts
     assert "train-and-evaluate" in dag["report-op"]["dependentTasks"]
     assert set(dag["report-op"]["inputs"]["artifacts"]) == {"dataset"}
