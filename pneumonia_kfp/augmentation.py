@@ -139,11 +139,6 @@ def _blur16(x: torch.Tensor) -> torch.Tensor:
     return torch.add(h[..., :-2, :], h[..., 2:, :]).add_(h[..., 1:-1, :], alpha=2)
 
 
-def blur3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 Gaussian blur (binomial kernel), edges replicated."""
-    return _blur16(x).mul_(1 / 16)
-
-
 def _photometric(x: torch.Tensor, p: Params, unit: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Unsharp mask, contrast, brightness, clamp, gamma on float x in [0, ``unit``]; result in [0, 1]
     (``unit`` 255 folds the uint8 scaling into the contrast step)."""
