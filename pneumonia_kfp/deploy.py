@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pneumonia_kfp.errors import PneumoniaKfpError, UsageError
-from pneumonia_kfp.kube import api_client, current_namespace
+from pneumonia_kfp.kube import api_client, api_error, current_namespace
 from pneumonia_kfp.storage import parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -310,19 +310,9 @@ def apply(api_client, items: list[dict], attempts: int = 3) -> int | None:
                 if e.status == 409 and attempt + 1 < attempts:
                     continue
                 hint = FORBIDDEN_HINT if e.status == 403 else ""
-                raise DeployError(f"{what}: the API server answered {e.status} {e.reason}: {_message(e)}{hint}"
-                                  ) from None
+                raise DeployError(f"{what}: the API server answered {api_error(e)}{hint}") from None
         generation = _generation(answer) if o["kind"] == "InferenceService" else generation
     return generation
-
-
-def _message(e) -> str:
-    import json
-
-    try:
-        return json.loads(e.body).get("message") or e.body
-    except (TypeError, ValueError):
-        return str(e.body or "")[:300]
 
 
 def _ready(service: dict, generation: int | None) -> tuple[bool, str]:
@@ -345,8 +335,8 @@ def wait_ready(api_client, name: str, namespace: str, generation: int | None = N
         try:
             service = api.get("InferenceService", name, namespace)
         except ApiException as e:
-            raise DeployError(f"InferenceService {namespace}/{name}: the API server answered {e.status} "
-                              f"{e.reason}: {_message(e)}") from None
+            raise DeployError(f"InferenceService {namespace}/{name}: the API server answered {api_error(e)}"
+                              ) from None
         ok, said = _ready(service, generation)
         if ok:
             return service["status"]["url"]

@@ -38,7 +38,7 @@ from pneumonia_kfp.jobs import (
     rank0_selector,
     torchrun_command,
 )
-from pneumonia_kfp.kube import api_client, current_namespace
+from pneumonia_kfp.kube import api_client, api_error, current_namespace
 from pneumonia_kfp.procs import stop_signals_raise
 from pneumonia_kfp.storage import storage_root
 
@@ -48,15 +48,6 @@ STUCK = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 FAILED_WAITING = STUCK + ("ErrImagePull", "CrashLoopBackOff")
 RBAC_HINT = ("give the pipeline's ServiceAccount the Role in manifests/distributed-training "
              "(README: Many GPUs and nodes)")
-
-
-def _reason(e) -> str:
-    """An ApiException as ``<status> <reason>: <the API server's message>``."""
-    try:
-        message = json.loads(e.body).get("message", "")
-    except (TypeError, ValueError, AttributeError):
-        message = ""
-    return f"{e.status} {e.reason}" + (f": {message}" if message else "")
 
 
 def resolve_engine(engine: str, client) -> str:
@@ -73,7 +64,7 @@ def resolve_engine(engine: str, client) -> str:
         except ApiException as e:
             if e.status == 404:
                 continue
-            raise JobError(f"asking the API server for {group}/{version}: {_reason(e)}") from None
+            raise JobError(f"asking the API server for {group}/{version}: {api_error(e)}") from None
         if any(r.name == plural for r in resources.resources):
             return candidate
     raise JobError("nodes > 1 needs Kubeflow Trainer v2 (TrainJob) or the Training Operator (PyTorchJob), and this "
@@ -108,7 +99,7 @@ class Job:
             return fn(self.group, self.version, self.namespace, self.plural, *args, **kwargs)
         except ApiException as e:
             hint = f"; {RBAC_HINT}" if e.status == 403 else ""
-            raise JobError(f"{what} {self}: {_reason(e)}{hint}") from None
+            raise JobError(f"{what} {self}: {api_error(e)}{hint}") from None
 
     def get(self) -> dict | None:
         from kubernetes.client.exceptions import ApiException
@@ -120,7 +111,7 @@ class Job:
             if e.status == 404:
                 return None
             hint = f"; {RBAC_HINT}" if e.status == 403 else ""
-            raise JobError(f"reading {self}: {_reason(e)}{hint}") from None
+            raise JobError(f"reading {self}: {api_error(e)}{hint}") from None
 
     def create(self, body: dict, poll: float) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -130,7 +121,7 @@ class Job:
         except ApiException as e:
             if e.status != 409:
                 hint = f"; {RBAC_HINT}" if e.status == 403 else ""
-                raise JobError(f"creating {self}: {_reason(e)}{hint}") from None
+                raise JobError(f"creating {self}: {api_error(e)}{hint}") from None
             self.replace(body, poll)
         self.created = True
         self.say(f"created {self}")
@@ -158,7 +149,7 @@ class Job:
                                                      self.name, propagation_policy="Foreground")
         except ApiException as e:
             if e.status != 404:
-                raise JobError(f"deleting {self}: {_reason(e)}") from None
+                raise JobError(f"deleting {self}: {api_error(e)}") from None
 
     def state(self) -> tuple[list[str], dict | None]:
         """The types of its true conditions, in order, and the last of them."""
@@ -174,7 +165,7 @@ class Job:
         try:
             return self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         except ApiException as e:
-            self.say(f"cannot list the pods of {self}: {_reason(e)}")
+            self.say(f"cannot list the pods of {self}: {api_error(e)}")
             return []
 
     def failing_pod(self, waiting: tuple[str, ...] = FAILED_WAITING, exited: bool = True) -> str:

@@ -2,6 +2,7 @@
 config. The deploy step and the distributed-training launcher both start here."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,3 +39,13 @@ def current_namespace() -> str:
         return active["context"].get("namespace") or "default"
     except (config.ConfigException, OSError):
         return "default"
+
+
+def api_error(e) -> str:
+    """A kubernetes ApiException as one line: ``<status> <reason>: <the API server's message>``."""
+    try:
+        message = json.loads(e.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):  # no body, or not the API server's JSON
+        message = str(e.body or "")[:300]
+    message = " ".join(str(message).split())
+    return f"{e.status} {e.reason}" + (f": {message}" if message else "")

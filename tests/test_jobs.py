@@ -590,3 +590,19 @@ def test_the_many_node_pipeline_is_still_one_yaml_for_every_backend(backend, dis
     ir = next(yaml.safe_load_all(distributed_pipeline.read_text()))
     found = features(ir)
     assert set(found) <= set(DEGRADATIONS) and found["retry_inside_sub_dag"] == ["train-distributed-op"]
+
+
+def test_an_api_error_is_one_line_with_the_servers_message():
+    from kubernetes.client.exceptions import ApiException
+
+    from pneumonia_kfp.kube import api_error
+
+    def error(status, reason, body):
+        e = ApiException(status=status, reason=reason)
+        e.body = body
+        return api_error(e)
+
+    assert error(403, "Forbidden", json.dumps({"message": "pods is forbidden:\n  no"})) == \
+        "403 Forbidden: pods is forbidden: no"
+    assert error(502, "Bad Gateway", "<html>\nproxy down</html>") == "502 Bad Gateway: <html> proxy down</html>"
+    assert error(500, "Internal Server Error", None) == "500 Internal Server Error"
