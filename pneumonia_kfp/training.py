@@ -95,9 +95,9 @@ def training_batch(images, idx, generator, mean: float, std: float, policy="defa
     from pneumonia_kfp.augmentation import POLICIES, augment
     from pneumonia_kfp.inference import device_layout
 
-    # normalised slice by slice inside the augmentation: one pass less through the batch's memory
+    # gathered and normalised inside the augmentation, chunk by chunk on a CPU (see augmentation.apply)
     chosen = POLICIES[policy] if isinstance(policy, str) else policy
-    x = augment(images[idx], generator, chosen, normalize_to=(mean, std))
+    x = augment(images, generator, chosen, normalize_to=(mean, std), rows=idx)
     return device_layout(x, x.device)
 
 

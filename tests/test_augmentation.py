@@ -31,6 +31,16 @@ def _batch(n=16, size=32):
     return one.repeat(n, 1, 1, 1)
 
 
+@pytest.fixture(params=["opencv", "batched"])
+def cpu_kernel(request, monkeypatch):
+    """Each CPU implementation in turn: OpenCV image by image (large images), batched torch (small ones)."""
+    from pneumonia_kfp import augmentation
+
+    monkeypatch.setattr(augmentation, "CPU_OPENCV_MIN_PIXELS", 0 if request.param == "opencv" else 10 ** 12)
+    return request.param
+
+
+@pytest.mark.usefixtures("cpu_kernel")
 def test_shapes_range_and_seeded_determinism():
     x = _batch()
     for policy in (DEFAULT_POLICY, GEOMETRIC_ONLY, SEED_POLICY):
@@ -122,6 +132,7 @@ def test_normalize():
     assert normalize(fresh, 0.5, 0.25) is fresh and fresh.tolist() == [[[[-2.0, 2.0]]]]  # a float batch, in place
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_sampling_grid_is_the_affine_grid():
     """augment's warp equals F.affine_grid + grid_sample for the same per-sample rotation, zoom and shift."""
     policy = GEOMETRIC_ONLY
@@ -187,6 +198,7 @@ def _numpy_photometric(x, sharpen, contrast, brightness, gamma):
     return np.clip(y, 0, 1) ** gamma
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_the_geometric_warp_is_torchvisions_affine_per_image():
     images = _xray_like()
     p = draw(GEOMETRIC_ONLY, len(images), images, torch.Generator().manual_seed(12))
@@ -196,6 +208,7 @@ def test_the_geometric_warp_is_torchvisions_affine_per_image():
         assert torch.allclose(out[i], expected, atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_the_default_recipe_is_torchvisions_warp_then_the_photometric_steps_per_image():
     images = _xray_like(6)
     p = draw(DEFAULT_POLICY, len(images), images, torch.Generator().manual_seed(13))
@@ -238,6 +251,7 @@ def _augment_on(threads: int, images, policy):
         torch.set_num_threads(before)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 def test_cpu_slices_on_threads_give_the_whole_batchs_result(monkeypatch):
     from pneumonia_kfp import augmentation
 
@@ -252,11 +266,27 @@ def test_cpu_slices_on_threads_give_the_whole_batchs_result(monkeypatch):
             assert torch.equal(_augment_on(3, images, policy), sliced)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("policy", [DEFAULT_POLICY, None])
+def test_rows_augments_those_rows_as_indexing_first_would(monkeypatch, policy):
+    from pneumonia_kfp import augmentation
+
+    monkeypatch.setattr(augmentation, "CPU_SLICE_PIXELS", 2 * 24 * 24)  # each slice gathers its own rows
+    images = _xray_like(7, 24)
+    rows = torch.tensor([6, 0, 3, 3, 5])
+    indexed = _augment_on(2, images[rows], policy)
+    gathered = augment(images, torch.Generator().manual_seed(16), policy, rows=rows)
+    assert torch.equal(gathered, indexed)
+    if policy is not None:
+        assert not torch.equal(gathered[2], gathered[3])  # one image twice: two augmentations of it
+
+
 ONE_AT_A_TIME = {"rotation": (-10.0, 10.0), "scale": (0.85, 1.15), "translate": 0.08, "equalize_p": 1.0,
                  "brightness": 0.1, "contrast": (0.75, 1.33), "gamma": (0.7, 1.4), "sharpen": (-1.0, 1.0)}
 
 
 @pytest.mark.parametrize("field", sorted(ONE_AT_A_TIME))
+@pytest.mark.usefixtures("cpu_kernel")
 def test_each_augmentation_changes_images_when_on_and_nothing_when_off(field):
     images = _xray_like(16, 32)
     alone = dataclasses.replace(NEUTRAL, **{field: ONE_AT_A_TIME[field]})
@@ -268,8 +298,61 @@ def test_each_augmentation_changes_images_when_on_and_nothing_when_off(field):
 
 
 @pytest.mark.parametrize("policy", [DEFAULT_POLICY, GEOMETRIC_ONLY, None])
+@pytest.mark.usefixtures("cpu_kernel")
 def test_normalize_to_is_normalize_after_augment(policy):
     images = _xray_like(12, 32)
     separate = normalize(augment(images, torch.Generator().manual_seed(18), policy), 0.45, 0.23)
     fused = augment(images, torch.Generator().manual_seed(18), policy, normalize_to=(0.45, 0.23))
     assert torch.allclose(fused, separate, atol=1e-6) and fused.min() < -1  # normalised, not [0, 1]
+
+
+# --- A CPU runs OpenCV's warp, log and exp; every other device torch's: the two agree, checked here on the CPU ---
+
+
+@pytest.mark.parametrize("size", [(40, 40), (24, 36)])
+def test_opencvs_warp_is_grid_samples(size):
+    from pneumonia_kfp.augmentation import _warp_opencv, _warp_torch
+
+    images = _xray_like(6, max(size))[..., :size[0], :size[1]].float()
+    p = draw(SEED_POLICY, len(images), images, torch.Generator().manual_seed(19))  # the widest rotations
+    torch_out = _warp_torch(images, p.angle, p.zoom, p.tx, p.ty)
+    assert torch.allclose(_warp_opencv(images, p.angle, p.zoom, p.tx, p.ty), torch_out, atol=1e-3)  # of 255
+    assert (torch_out - images).abs().mean() > 5  # every sample moved: the check is not of near-identities
+
+
+@pytest.mark.parametrize("policy", [DEFAULT_POLICY, GEOMETRIC_ONLY, SEED_POLICY])
+@pytest.mark.parametrize("normalize_to", [None, (0.45, 0.23)])
+def test_the_cpus_opencv_recipe_is_the_batched_torch_recipe_a_gpu_runs(policy, normalize_to):
+    from pneumonia_kfp.augmentation import _apply_batched, _apply_opencv
+
+    images = _xray_like(9, 32)
+    p = draw(policy, len(images), images, torch.Generator().manual_seed(21))
+    opencv, batched = torch.empty(images.shape), torch.empty(images.shape)
+    _apply_opencv(images, p, opencv, normalize_to)
+    _apply_batched(images, p, batched, normalize_to)
+    assert torch.allclose(opencv, batched, atol=1e-4)
+    assert (batched - normalize(images.float() / 255, *(normalize_to or (0, 1)))).abs().mean() > 0.01  # augmented
+
+
+def test_a_cpu_batch_never_goes_through_grid_sample(monkeypatch):
+    """grid_sample is 2.5x OpenCV's warp on a CPU (benchmarks/data_path.py): training and TTA both keep off it."""
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: pytest.fail("grid_sample on a CPU"))
+    images = _xray_like(3, 32)
+    assert augment(images, torch.Generator().manual_seed(22), DEFAULT_POLICY).shape == images.shape
+    assert tta_view(images, TTA_VIEWS[1]).shape == images.shape
+
+
+def test_a_cpu_takes_opencv_image_by_image_from_its_size_and_batched_kernels_below(monkeypatch):
+    """OpenCV's ~15 calls an image cost more than they save on small images (benchmarks/data_path.py)."""
+    from pneumonia_kfp import augmentation
+
+    taken = []
+    for name in ("_apply_opencv", "_apply_batched"):
+        kernel = getattr(augmentation, name)
+        monkeypatch.setattr(augmentation, name, lambda *a, kernel=kernel, name=name: taken.append(name) or kernel(*a))
+    monkeypatch.setattr(augmentation, "CPU_OPENCV_MIN_PIXELS", 20 * 24)
+    augment(_xray_like(2, 24)[..., :20, :], torch.Generator())
+    assert set(taken) == {"_apply_opencv"}
+    taken.clear()
+    augment(_xray_like(2, 24)[..., :19, :], torch.Generator())
+    assert set(taken) == {"_apply_batched"}
