@@ -131,6 +131,12 @@ MODULES = {
     "device": Module(
         "pneumonia_kfp/device.py", ["x_*"],
         ["tests/test_device.py"]),
+    # the augmentation recipe and its two CPU implementations (OpenCV image by image, batched torch)
+    "augmentation": Module(
+        "pneumonia_kfp/augmentation.py", ["x__pixel_map", "x__geometry", "x__warp_opencv", "x_warp", "x__mix",
+                                          "x__photometric_torch", "x__equalized", "x__apply_batched",
+                                          "x__apply_opencv", "x_apply", "x_augment"],
+        ["tests/test_augmentation.py"]),
     "settings": Module(
         "pneumonia_kfp/pipelines/settings.py", ["x_load", "x__set", "x__convert", "x__flatten", "x_from_args"],
         ["tests/test_kubeflow_compile.py::test_settings_file_env_and_flags_layer_in_that_order",
