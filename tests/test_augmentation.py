@@ -356,3 +356,13 @@ def test_a_cpu_takes_opencv_image_by_image_from_its_size_and_batched_kernels_bel
     taken.clear()
     augment(_xray_like(2, 24)[..., :19, :], torch.Generator())
     assert set(taken) == {"_apply_batched"}
+
+
+@pytest.mark.parametrize("rows", [None, torch.tensor([3, 0, 3])])
+def test_another_device_runs_the_batched_kernels_there_rows_included(rows):
+    """On the meta device (shapes only: a GPU's path without a GPU) the whole batch stays on the device."""
+    images = torch.zeros(5, 1, 32, 32, dtype=torch.uint8, device="meta")
+    out = augment(images, None, DEFAULT_POLICY, normalize_to=(0.45, 0.23), rows=rows)
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    assert out.shape == (5 if rows is None else 3, 1, 32, 32)
+    assert augment(images, None, SEED_POLICY, rows=rows).shape == out.shape  # equalize too
