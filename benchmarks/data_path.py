@@ -1,7 +1,7 @@
 """Images/s of the project's training data path vs a seed-style ImageFolder + PIL + DataLoader.
 
-Project: ingest once (not timed), then uint8 tensors -> augment + normalize (what train runs:
-training.training_batch; on a CPU OpenCV image by image from 128 px, batched torch kernels below).
+Project: ingest once (not timed), then uint8 tensors -> augment + normalize (what a training step runs:
+training.training_batch, i.e. distributed.batch_of; on a CPU OpenCV image by image from 128 px).
 Seed: torchvision ImageFolder decoding every JPEG (to RGB) with PIL each epoch, the seed's
 transforms, DataLoader with one worker per core. Same machine, same run, same number of images;
 the two alternate ``--repeats`` times (a shared machine's load moves between them).

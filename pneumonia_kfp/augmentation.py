@@ -155,10 +155,6 @@ def warp(x: torch.Tensor, angle, zoom, tx, ty) -> torch.Tensor:
     return (_warp_opencv if x.device.type == "cpu" else _warp_torch)(x, angle, zoom, tx, ty)
 
 
-def geometric(x: torch.Tensor, policy: Policy, generator=None) -> torch.Tensor:
-    return warp(x, **_geometric_params(len(x), policy, x, generator))
-
-
 def _mix(amount, contrast, brightness, mean, mean_blurred, unit: float):
     """The unsharp mask, contrast and brightness steps as one weighted sum y = wx x + wb blurred + c, for
     one sample (floats) or a column of samples (tensors); x in [0, ``unit``], y in [0, 1] before the clamp.

@@ -261,8 +261,9 @@ class Step:
     batch_labels: object  # labels of the whole global batch (the loss's weight sum)
     labels: object  # this rank's rows' labels
     positions: object  # their places in the global batch (which augmentation draws are theirs); None: all
-    images: object  # their uint8 images on the device
+    images: object  # their uint8 images on the device (with ``rows``: the set they are rows of)
     count: int  # images in the global batch
+    rows: object = None  # one rank, the set on the device: the batch's rows, gathered by the augmentation
 
 
 class TrainShard:
@@ -292,7 +293,7 @@ class TrainShard:
         if w == 1 and not self.streamed:  # every row here: index on the device, nothing read back
             for step in range(steps):
                 batch = order[step * batch_size:(step + 1) * batch_size]
-                yield Step(self.labels[batch], self.labels[batch], None, self.images[batch], len(batch))
+                yield Step(self.labels[batch], self.labels[batch], None, self.images, len(batch), rows=batch)
             return
         host_order = order.cpu().numpy()
         plan = []
@@ -332,21 +333,23 @@ class TrainShard:
                 yield rows
 
 
-def batch_of(step: Step, generator, mean: float, std: float, policy: str):
+def batch_of(step: Step, generator, mean: float, std: float, policy):
     """This rank's augmented, normalised float rows of the step: the global batch's augmentation
-    parameters drawn (the same on every rank, the same at any W), this rank's taken."""
+    parameters drawn (the same on every rank, the same at any W), this rank's taken. ``policy``: a name
+    in augmentation.POLICIES, or a Policy."""
 
     from pneumonia_kfp.augmentation import POLICIES, apply, draw, normalize
     from pneumonia_kfp.inference import device_layout
 
-    chosen = POLICIES[policy]
+    chosen = POLICIES[policy] if isinstance(policy, str) else policy
     images = step.images
     if chosen is None:
-        x = normalize(images, mean, std)
+        x = normalize(images if step.rows is None else images[step.rows], mean, std)
     else:
         params = draw(chosen, step.count, images, generator)
         params = params if step.positions is None else params[step.positions]
-        x = apply(images, params, normalize_to=(mean, std))  # an empty share gives an empty batch
+        # an empty share gives an empty batch; rows: on a CPU each of apply's threads gathers its own
+        x = apply(images, params, normalize_to=(mean, std), rows=step.rows)
     return device_layout(x, x.device)
 
 

@@ -90,15 +90,11 @@ class Recipe:
 
 
 def training_batch(images, idx, generator, mean: float, std: float, policy="default"):
-    """Augmented, normalised float batch from the device-resident uint8 images (no host round trip)."""
+    """Augmented, normalised float batch of rows ``idx`` of the device-resident uint8 images: one process's
+    training step's batch (``distributed.batch_of``), for the benchmarks."""
+    from pneumonia_kfp.distributed import Step, batch_of
 
-    from pneumonia_kfp.augmentation import POLICIES, augment
-    from pneumonia_kfp.inference import device_layout
-
-    # gathered and normalised inside the augmentation, chunk by chunk on a CPU (see augmentation.apply)
-    chosen = POLICIES[policy] if isinstance(policy, str) else policy
-    x = augment(images, generator, chosen, normalize_to=(mean, std), rows=idx)
-    return device_layout(x, x.device)
+    return batch_of(Step(None, None, None, images, len(idx), rows=idx), generator, mean, std, policy)
 
 
 def training_step(model, x, y, loss_fn, optimizer, scaler):
