@@ -127,8 +127,9 @@ def _pixel_map(angle: float, zoom: float, tx: float, ty: float, h: int, w: int) 
                      [sin * h / w, cos, h / 2 * (sin * ox + cos * oy + ty + 1) - 0.5]])
 
 
-def _geometry(p: Params) -> list[tuple[float, float, float, float]]:
-    return list(zip(p.angle.tolist(), p.zoom.tolist(), p.tx.tolist(), p.ty.tolist(), strict=True))
+def _geometry(angle, zoom, tx, ty) -> list[tuple[float, float, float, float]]:
+    """Each sample's (angle, zoom, tx, ty) as plain floats, ``_pixel_map``'s arguments."""
+    return list(zip(angle.tolist(), zoom.tolist(), tx.tolist(), ty.tolist(), strict=True))
 
 
 def _warp_into(source: np.ndarray, pixel_map: np.ndarray, target: np.ndarray) -> None:
@@ -142,7 +143,7 @@ def _warp_into(source: np.ndarray, pixel_map: np.ndarray, target: np.ndarray) ->
 def _warp_opencv(x: torch.Tensor, angle, zoom, tx, ty) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
-    geometry = _geometry(Params(angle, zoom, tx, ty))
+    geometry = _geometry(angle, zoom, tx, ty)
     for source, target, sample in zip(x[:, 0].numpy(), out[:, 0].numpy(), geometry, strict=True):
         _warp_into(source, _pixel_map(*sample, *x.shape[-2:]), target)
     return out
@@ -219,7 +220,7 @@ def _apply_opencv(images: torch.Tensor, p: Params, out: torch.Tensor, normalize_
     Python holding the GIL: for images of ``CPU_OPENCV_MIN_PIXELS`` and more (at 224 px 1.5-1.6x the
     batched kernels, at 64 px 0.6-0.8x: benchmarks/data_path.py)."""
     h, w = images.shape[-2:]
-    geometry = _geometry(p)
+    geometry = _geometry(p.angle, p.zoom, p.tx, p.ty)
     mean, std = normalize_to or (0.0, 1.0)
     photometric = p.gamma is not None
     if photometric:

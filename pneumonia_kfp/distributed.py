@@ -107,7 +107,6 @@ def run_ranks(ranks: int, dataset_uri: str, backbone: str, model_dir: str, param
     job's entry point too); rank 0 writes the model directory. Returns the model's artifact metadata."""
     import torch
 
-
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         raise DistributedError(f"{ranks} ranks but this task sees {torch.cuda.device_count()} GPU(s): each rank "
                                f"needs its own; set {RANKS_ENV} (run-local --ranks) to at most that")
